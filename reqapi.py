@@ -1,0 +1,2784 @@
+#!/usr/bin/env python3
+"""reqapi — a Kubernetes aggregated API server that answers one question:
+what CPU and memory requests should workload NAME in namespace NS get?
+
+It serves the API group ``k8s.wujiuye.com/v1beta1``, namespaced resource ``requests``
+(kind ``Requests``), read-only (get, list, watch), behind kube-apiserver's aggregation
+layer (an ``APIService``).  Answers come from ordered static rules (``--rules FILE``).
+
+Run it::
+
+    python3 reqapi.py                                  # laptop: throwaway self-signed certificate
+    python3 reqapi.py --cert tls.crt --key tls.key --rules rules.json
+    curl -k https://127.0.0.1:8443/apis/k8s.wujiuye.com/v1beta1/namespaces/default/requests/web
+    python3 reqapi.py --rules rules.json --check        # validate rules (exit 0 or 2)
+    python3 reqapi.py --rules rules.json --predict shop/checkout
+
+Standard library only; one file, meant to be copied into a distroless Python image.
+
+The module reads top to bottom in dependency order:
+
+1. quantities and names          (pure functions)
+2. the predictor                 (pure: rules in, prediction out)
+3. API objects and documents     (pure data builders: objects, lists, tables, discovery, OpenAPI, Status)
+4. request identity              (front-proxy and client certificates, delegated authorization)
+5. endpoints                     (one function per route, and the route table)
+6. the HTTP handler              (thin: parse, route, call, write)
+7. the server lifecycle          (TLS, connections, reloads, signals, shutdown)
+8. the command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import email.utils
+import fnmatch
+import hashlib
+import http.server
+import json
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import OrderedDict
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+
+__version__ = "0.1.0"
+
+GROUP = "k8s.wujiuye.com"
+VERSION = "v1beta1"
+GROUP_VERSION = f"{GROUP}/{VERSION}"
+RESOURCE = "requests"
+SINGULAR = "request"
+KIND = "Requests"
+LIST_KIND = "RequestsList"
+SHORT_NAMES = ["req"]
+CATEGORIES = ["wujiuye"]
+RULE_ANNOTATION = f"{GROUP}/rule"
+QUALIFIED_RESOURCE = f"{RESOURCE}.{GROUP}"
+
+# PREDICTOR-SECTION-BEGIN
+# ---------------------------------------------------------------------------
+# Quantities and names (pure functions)
+# ---------------------------------------------------------------------------
+
+class QuantityError(ValueError):
+    """A string that is not a Kubernetes quantity."""
+
+
+_QUANTITY = re.compile(r"([+-]?)(\d+\.?\d*|\.\d+)(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?)")
+_SUFFIX = {"": 1, "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "k": 10**3,
+           "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20,
+           "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def parse_quantity(text: str) -> Fraction:
+    match = _QUANTITY.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise QuantityError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 512Mi, 1Gi)")
+    sign, number, exponent, suffix = match.groups()
+    value = Fraction(number) * (Fraction(10) ** int(exponent[1:]) if exponent else _SUFFIX[suffix or ""])
+    return -value if sign == "-" else value
+
+
+def cpu_millicores(quantity: Fraction) -> int:
+    return math.ceil(quantity * 1000)
+
+
+def memory_mebibytes(quantity: Fraction) -> int:
+    return math.ceil(quantity / 2**20)
+
+
+def format_cpu(millicores: int) -> str:
+    return str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+
+
+def format_memory(mebibytes: int) -> str:
+    if mebibytes == 0:
+        return "0"
+    for suffix in ("Ei", "Pi", "Ti", "Gi"):
+        unit = {"Gi": 2**10, "Ti": 2**20, "Pi": 2**30, "Ei": 2**40}[suffix]
+        if mebibytes % unit == 0:
+            return f"{mebibytes // unit}{suffix}"
+    return f"{mebibytes}Mi"
+
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def namespace_problem(segment: str) -> Optional[str]:
+    if len(segment) > 63:
+        return "must be no more than 63 characters"
+    if not _LABEL.fullmatch(segment):
+        return ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+                "and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
+                "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
+    return None
+
+
+def name_problem(segment: str) -> Optional[str]:
+    if len(segment) > 253:
+        return "must be no more than 253 characters"
+    if not _SUBDOMAIN.fullmatch(segment):
+        return ("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+                "and must start and end with an alphanumeric character (e.g. 'example.com', regex used for "
+                "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The predictor (pure: rules in, prediction out)
+# ---------------------------------------------------------------------------
+
+class RulesError(ValueError):
+    """A rules file that must not be served."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    cpu: str
+    memory: str
+    rule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    source: str
+    digest: str
+    default_cpu: int = 100
+    default_memory: int = 100
+    rules: tuple = ()
+
+
+DEFAULT_RULES = Rules(source="built-in default", digest=hashlib.sha256(b"default").hexdigest())
+
+
+def parse_rules(document: object, source: str) -> Rules:
+    raise RulesError(f"{source}: rules are not supported yet")
+
+
+def load_rules(path: str) -> Rules:
+    with open(path, encoding="utf-8") as handle:
+        return parse_rules(json.load(handle), path)
+
+
+def predict(rules: Rules, namespace: str, name: str) -> Prediction:
+    return Prediction(format_cpu(rules.default_cpu), format_memory(rules.default_memory), "default")
+
+
+def named_workloads(rules: Rules) -> list:
+    return []
+# PREDICTOR-SECTION-END
+
+
+# ---------------------------------------------------------------------------
+# API objects and discovery documents (pure data builders)
+# ---------------------------------------------------------------------------
+# Everything here returns plain dicts shaped exactly as kube-apiserver would shape them
+# (see docs: aggregator-contract.md and kubectl-trace.md).  Nothing here does I/O.
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, GROUP)
+
+
+def object_uid(namespace: str, name: str) -> str:
+    """A uid that every replica computes alike for the same namespace/name."""
+    return str(uuid.uuid5(_UID_NAMESPACE, f"{namespace}/{name}"))
+
+
+def resource_version_of(rules_digest: str) -> str:
+    """The resourceVersion of a rules generation: derived from the rules' content, never from a
+    counter or the clock, so that replicas with the same rules agree and a watch can resume
+    on either of them.  Decimal digits, like kube-apiserver's, and never "0" (which means "any")."""
+    return str(int(rules_digest[:15], 16) or 1)
+
+
+def rfc3339(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def human_age(seconds: float) -> str:
+    """kubectl's AGE column (k8s.io/apimachinery/pkg/util/duration.HumanDuration)."""
+    total = int(seconds)
+    if total < -1:
+        return "<invalid>"
+    if total < 0:
+        return "0s"
+    if total < 120:
+        return f"{total}s"
+    minutes = total // 60
+    if minutes < 10:
+        rest = total % 60
+        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = total // 3600
+    if hours < 8:
+        rest = minutes % 60
+        return f"{hours}h{rest}m" if rest else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        rest = hours % 24
+        return f"{hours // 24}d{rest}h" if rest else f"{hours // 24}d"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        years, days = hours // 24 // 365, (hours // 24) % 365
+        return f"{years}y{days}d" if days else f"{years}y"
+    return f"{hours // 24 // 365}y"
+
+
+def requests_object(namespace: str, name: str, prediction: Prediction, resource_version: str,
+                    created: float) -> dict:
+    """One Requests object.  The prediction is computed when asked, so — like metrics-server's
+    PodMetrics — its creationTimestamp is the time of the answer."""
+    return {
+        "kind": KIND,
+        "apiVersion": GROUP_VERSION,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": object_uid(namespace, name),
+            "resourceVersion": resource_version,
+            "creationTimestamp": rfc3339(created),
+            "annotations": {RULE_ANNOTATION: prediction.rule},
+        },
+        "resources": {"cpu": prediction.cpu, "memory": prediction.memory},
+    }
+
+
+def requests_list(items: list, resource_version: str, continue_token: str = "",
+                  remaining: Optional[int] = None) -> dict:
+    metadata: dict = {"resourceVersion": resource_version}
+    if continue_token:
+        metadata["continue"] = continue_token
+        if remaining is not None:
+            metadata["remainingItemCount"] = remaining
+    return {"kind": LIST_KIND, "apiVersion": GROUP_VERSION, "metadata": metadata, "items": items}
+
+
+TABLE_COLUMNS = [
+    {"name": "Name", "type": "string", "format": "name",
+     "description": "Name of the workload the prediction is for.", "priority": 0},
+    {"name": "CPU", "type": "string", "format": "",
+     "description": "Predicted CPU request (whole millicores).", "priority": 0},
+    {"name": "Memory", "type": "string", "format": "",
+     "description": "Predicted memory request (whole mebibytes).", "priority": 0},
+    {"name": "Rule", "type": "string", "format": "",
+     "description": "The rule that decided the prediction, or 'default'.", "priority": 0},
+    {"name": "Age", "type": "string", "format": "",
+     "description": "Time since the prediction was made.", "priority": 0},
+]
+
+INCLUDE_OBJECT_CHOICES = ("None", "Metadata", "Object")
+
+
+def partial_object_metadata(obj: dict) -> dict:
+    return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+
+
+def table_row(obj: dict, include_object: str, now: float, created: float) -> dict:
+    row: dict = {"cells": [obj["metadata"]["name"], obj["resources"]["cpu"], obj["resources"]["memory"],
+                           obj["metadata"]["annotations"][RULE_ANNOTATION], human_age(now - created)]}
+    if include_object == "Object":
+        row["object"] = obj
+    elif include_object == "Metadata":
+        row["object"] = partial_object_metadata(obj)
+    return row
+
+
+def table(rows: list, resource_version: str, table_version: str = "v1", with_columns: bool = True,
+          continue_token: str = "", remaining: Optional[int] = None) -> dict:
+    metadata: dict = {"resourceVersion": resource_version}
+    if continue_token:
+        metadata["continue"] = continue_token
+        if remaining is not None:
+            metadata["remainingItemCount"] = remaining
+    document: dict = {"kind": "Table", "apiVersion": f"meta.k8s.io/{table_version}", "metadata": metadata}
+    document["columnDefinitions"] = TABLE_COLUMNS if with_columns else []
+    document["rows"] = rows
+    return document
+
+
+def watch_event(event_type: str, obj: dict) -> dict:
+    return {"type": event_type, "object": obj}
+
+
+def status(code: int, reason: str, message: str, details: Optional[dict] = None,
+           retry_after: Optional[int] = None) -> dict:
+    """A metav1.Status, keys in the order Go writes them."""
+    document: dict = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": message, "reason": reason}
+    if details is not None or retry_after is not None:
+        document["details"] = dict(details or {})
+        if retry_after is not None:
+            document["details"]["retryAfterSeconds"] = retry_after
+    document["code"] = code
+    return document
+
+
+def resource_details(name: str = "") -> dict:
+    details = {"name": name} if name else {}
+    details.update({"group": GROUP, "kind": RESOURCE})
+    return details
+
+
+def api_resource() -> dict:
+    return {"name": RESOURCE, "singularName": SINGULAR, "namespaced": True, "kind": KIND,
+            "verbs": ["get", "list", "watch"], "shortNames": SHORT_NAMES, "categories": CATEGORIES}
+
+
+def api_resource_list() -> dict:
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GROUP_VERSION,
+            "resources": [api_resource()]}
+
+
+def api_group() -> dict:
+    version = {"groupVersion": GROUP_VERSION, "version": VERSION}
+    return {"kind": "APIGroup", "apiVersion": "v1", "name": GROUP, "versions": [version],
+            "preferredVersion": version}
+
+
+def api_group_list() -> dict:
+    group = api_group()
+    del group["kind"], group["apiVersion"]
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]}
+
+
+def aggregated_discovery(discovery_version: str) -> dict:
+    """apidiscovery.k8s.io/v2 (or v2beta1, whose JSON is identical but for apiVersion)."""
+    resource = {"resource": RESOURCE,
+                "responseKind": {"group": GROUP, "version": VERSION, "kind": KIND},
+                "scope": "Namespaced", "singularResource": SINGULAR, "verbs": ["get", "list", "watch"],
+                "shortNames": SHORT_NAMES, "categories": CATEGORIES}
+    return {"kind": "APIGroupDiscoveryList", "apiVersion": f"apidiscovery.k8s.io/{discovery_version}",
+            "metadata": {},
+            "items": [{"metadata": {"name": GROUP},
+                       "versions": [{"version": VERSION, "resources": [resource], "freshness": "Current"}]}]}
+
+
+def version_info() -> dict:
+    major, minor = __version__.split(".")[:2]
+    return {"major": major, "minor": minor, "gitVersion": f"v{__version__}", "gitCommit": "",
+            "gitTreeState": "", "buildDate": "", "goVersion": "",
+            "compiler": f"{sys.implementation.name} {sys.version.split()[0]}",
+            "platform": f"{sys.platform}/{os.uname().machine if hasattr(os, 'uname') else ''}"}
+
+
+def root_paths() -> dict:
+    return {"paths": ["/apis", "/apis/", f"/apis/{GROUP}", f"/apis/{GROUP_VERSION}", "/healthz", "/livez",
+                      "/metrics", "/openapi/v2", "/openapi/v3", "/readyz", "/version"]}
+
+
+# OpenAPI: kubectl explain finds the resource through a path operation's
+# x-kubernetes-group-version-kind object and the schema through its x-kubernetes-group-version-kind list.
+_DEF = "com.wujiuye.k8s.v1beta1."
+_META = "io.k8s.apimachinery.pkg.apis.meta.v1."
+_GVK = {"group": GROUP, "version": VERSION, "kind": KIND}
+
+
+def _schemas(ref_prefix: str) -> dict:
+    def ref(name: str) -> dict:
+        return {"$ref": ref_prefix + name}
+
+    def described_ref(name: str, description: str) -> dict:
+        # OpenAPI 3 ignores siblings of $ref; kube-openapi wraps the ref in allOf to keep the description.
+        if ref_prefix.startswith("#/components"):
+            return {"description": description, "allOf": [ref(name)]}
+        return {"description": description, **ref(name)}
+
+    string = {"type": "string"}
+    return {
+        _DEF + KIND: {
+            "description": ("Requests is reqapi's prediction of the CPU and memory requests that the workload "
+                            "named by metadata.namespace and metadata.name should get.  It is computed from the "
+                            "platform team's ordered rules when asked; the annotation k8s.wujiuye.com/rule "
+                            "names the rule that decided ('default' when none matched)."),
+            "type": "object",
+            "properties": {
+                "apiVersion": {**string, "description": (
+                    "APIVersion defines the versioned schema of this representation of an object. "
+                    "Always k8s.wujiuye.com/v1beta1.")},
+                "kind": {**string, "description": (
+                    "Kind is a string value representing the REST resource this object represents. Always Requests.")},
+                "metadata": described_ref(_META + "ObjectMeta", (
+                    "Standard object's metadata: the workload's namespace and name, a uid stable for that "
+                    "namespace/name, the resourceVersion of the rules that produced the answer, and the "
+                    "annotation k8s.wujiuye.com/rule.")),
+                "resources": described_ref(_DEF + "ResourceRequests", (
+                    "The requests to set on the workload's containers, in canonical Kubernetes quantities.")),
+            },
+            "x-kubernetes-group-version-kind": [dict(_GVK)],
+        },
+        _DEF + "ResourceRequests": {
+            "description": "CPU and memory requests in canonical Kubernetes quantities.",
+            "type": "object",
+            "required": ["cpu", "memory"],
+            "properties": {
+                "cpu": {**string, "description": (
+                    "CPU request in whole millicores, written the Kubernetes way: '500m' is half a core, "
+                    "'2' is two cores. Rounded up from the rule's value and clamped into the rules' min/max.")},
+                "memory": {**string, "description": (
+                    "Memory request rounded up to whole mebibytes and written in the largest binary unit that "
+                    "keeps it whole: '512Mi', '3Gi'. Clamped into the rules' min/max.")},
+            },
+        },
+        _DEF + LIST_KIND: {
+            "description": "RequestsList is a list of Requests: one per workload that the rules name exactly.",
+            "type": "object",
+            "required": ["items"],
+            "properties": {
+                "apiVersion": {**string, "description": "Always k8s.wujiuye.com/v1beta1."},
+                "kind": {**string, "description": "Always RequestsList."},
+                "metadata": described_ref(_META + "ListMeta", "Standard list metadata."),
+                "items": {"type": "array", "description": "The predictions.", "items": ref(_DEF + KIND)},
+            },
+            "x-kubernetes-group-version-kind": [{"group": GROUP, "version": VERSION, "kind": LIST_KIND}],
+        },
+        _META + "ObjectMeta": {
+            "description": "ObjectMeta is metadata that all persisted resources must have.",
+            "type": "object",
+            "properties": {
+                "name": {**string, "description": "Name of the workload (a DNS-1123 subdomain)."},
+                "namespace": {**string, "description": "Namespace of the workload (a DNS-1123 label)."},
+                "uid": {**string, "description": "UID derived from namespace and name; the same on every replica."},
+                "resourceVersion": {**string, "description": (
+                    "An opaque value that changes whenever the rules change; derived from the rules' content.")},
+                "creationTimestamp": {**string, "format": "date-time",
+                                      "description": "When this prediction was computed (RFC 3339, UTC)."},
+                "labels": {"type": "object", "additionalProperties": string,
+                           "description": "Map of string keys and values (unused by reqapi)."},
+                "annotations": {"type": "object", "additionalProperties": string, "description": (
+                    "k8s.wujiuye.com/rule: the id of the rule that decided, or 'default'.")},
+            },
+        },
+        _META + "ListMeta": {
+            "description": "ListMeta describes metadata that synthetic resources must have.",
+            "type": "object",
+            "properties": {
+                "resourceVersion": {**string, "description": "Identifies the rules generation of this list."},
+                "continue": {**string, "description": "Set when more items are available; pass it as ?continue=."},
+                "remainingItemCount": {"type": "integer", "format": "int64",
+                                       "description": "Number of items after this page."},
+            },
+        },
+    }
+
+
+def _operations(openapi3: bool) -> dict:
+    """The paths block: list (cluster-wide and namespaced), get, and the query parameters kubectl uses."""
+    def param(name: str, where: str, description: str, kind: str = "string", required: bool = False) -> dict:
+        spec = {"name": name, "in": where, "description": description}
+        if required:
+            spec["required"] = True
+        if openapi3:
+            spec["schema"] = {"type": kind, "uniqueItems": True}
+        else:
+            spec["type"] = kind
+            spec["uniqueItems"] = True
+        return spec
+
+    def response(schema_name: str) -> dict:
+        prefix = "#/components/schemas/" if openapi3 else "#/definitions/"
+        schema = {"$ref": prefix + schema_name}
+        if openapi3:
+            return {"200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
+                    "401": {"description": "Unauthorized"}}
+        return {"200": {"description": "OK", "schema": schema}, "401": {"description": "Unauthorized"}}
+
+    list_params = [
+        param("labelSelector", "query", "A selector to restrict the list of returned objects by their labels."),
+        param("fieldSelector", "query", "metadata.name=X or metadata.namespace=X (also != and ==)."),
+        param("limit", "query", "Maximum number of items to return; use metadata.continue for the rest.", "integer"),
+        param("continue", "query", "The continue token of the previous page."),
+        param("resourceVersion", "query", "With watch: where to start; 0 or absent sends the current items first."),
+        param("timeoutSeconds", "query", "Timeout for the list/watch call.", "integer"),
+        param("watch", "query", "Watch for changes and return them as a stream of WatchEvents.", "boolean"),
+    ]
+    namespace = param("namespace", "path", "object name and auth scope, such as for teams and projects",
+                      required=True)
+    name = param("name", "path", "name of the Requests (the workload)", required=True)
+
+    def operation(action: str, operation_id: str, schema_name: str, params: list) -> dict:
+        op = {"description": f"{action} {KIND}", "operationId": operation_id, "tags": ["k8sWujiuyeCom_v1beta1"],
+              "parameters": params, "responses": response(schema_name),
+              "x-kubernetes-action": action, "x-kubernetes-group-version-kind": dict(_GVK)}
+        if not openapi3:
+            op["produces"] = ["application/json"]
+            op["schemes"] = ["https"]
+        return op
+
+    base = f"/apis/{GROUP_VERSION}"
+    return {
+        f"{base}/{RESOURCE}": {"get": operation(
+            "list", "listK8sWujiuyeComV1beta1RequestsForAllNamespaces", _DEF + LIST_KIND, list_params)},
+        f"{base}/namespaces/{{namespace}}/{RESOURCE}": {"get": operation(
+            "list", "listK8sWujiuyeComV1beta1NamespacedRequests", _DEF + LIST_KIND, [namespace] + list_params)},
+        f"{base}/namespaces/{{namespace}}/{RESOURCE}/{{name}}": {"get": operation(
+            "get", "readK8sWujiuyeComV1beta1NamespacedRequests", _DEF + KIND, [namespace, name])},
+    }
+
+
+def openapi_v3_document() -> dict:
+    return {"openapi": "3.0.0",
+            "info": {"title": "reqapi", "version": __version__,
+                     "description": "CPU and memory request predictions (k8s.wujiuye.com/v1beta1)."},
+            "paths": _operations(openapi3=True),
+            "components": {"schemas": _schemas("#/components/schemas/")}}
+
+
+def openapi_v2_document() -> dict:
+    return {"swagger": "2.0",
+            "info": {"title": "reqapi", "version": __version__},
+            "paths": _operations(openapi3=False),
+            "definitions": _schemas("#/definitions/")}
+
+
+def openapi_v3_root(document_hash: str) -> dict:
+    # Only our group version: kube-aggregator merges these keys unfiltered into the cluster's root.
+    return {"paths": {f"apis/{GROUP_VERSION}": {
+        "serverRelativeURL": f"/openapi/v3/apis/{GROUP_VERSION}?hash={document_hash}"}}}
+
+
+def content_hash(body: bytes) -> str:
+    """kube-openapi and the discovery endpoint both use the upper-case hex SHA-512 of the JSON."""
+    return hashlib.sha512(body).hexdigest().upper()
+
+
+# Selectors: kube-apiserver's label selector grammar, and the two field selectors this resource has.
+
+class SelectorError(ValueError):
+    """A label or field selector reqapi cannot evaluate."""
+
+
+class Requirement(NamedTuple):
+    key: str
+    operator: str          # "=", "!=", "in", "notin", "exists", "!"
+    values: tuple
+
+
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_SET_REQUIREMENT = re.compile(r"\s*(\S+?)\s+(in|notin)\s*\(([^()]*)\)\s*")
+
+
+def _split_selector(text: str) -> list:
+    """Split on commas that are not inside parentheses."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_label_selector(text: str) -> tuple:
+    """Parse `a=b,c!=d,e in (f,g),h notin (i),j,!k` as kube-apiserver does."""
+    requirements = []
+    if not text.strip():
+        return ()
+    for part in _split_selector(text):
+        part = part.strip()
+        set_match = _SET_REQUIREMENT.fullmatch(part)
+        if set_match:
+            key, operator, values = set_match.group(1), set_match.group(2), set_match.group(3)
+            values = tuple(v.strip() for v in values.split(",")) if values.strip() else ()
+        elif part.startswith("!"):
+            key, operator, values = part[1:].strip(), "!", ()
+        else:
+            for symbol in ("!=", "==", "="):
+                if symbol in part:
+                    key, value = part.split(symbol, 1)
+                    key, operator, values = key.strip(), "!=" if symbol == "!=" else "=", (value.strip(),)
+                    break
+            else:
+                key, operator, values = part, "exists", ()
+        if not key or not _LABEL_KEY.fullmatch(key):
+            raise SelectorError(f"unable to parse requirement: invalid label key {key!r} in labelSelector "
+                                f"{text!r}; use key=value, key!=value, key in (a,b), key notin (a,b), key or !key")
+        for value in values:
+            if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+                raise SelectorError(f"unable to parse requirement: invalid label value {value!r} in labelSelector "
+                                    f"{text!r}; values are at most 63 characters of [A-Za-z0-9-_.]")
+        if operator in ("in", "notin") and not values:
+            raise SelectorError(f"unable to parse requirement: for 'in', 'notin' operators, values set can't be "
+                                f"empty in labelSelector {text!r}")
+        requirements.append(Requirement(key, operator, values))
+    return tuple(requirements)
+
+
+def labels_match(requirements: tuple, labels: dict) -> bool:
+    for req in requirements:
+        present = req.key in labels
+        value = labels.get(req.key)
+        if req.operator == "exists" and not present:
+            return False
+        if req.operator == "!" and present:
+            return False
+        if req.operator in ("=", "in") and value not in req.values:
+            return False
+        if req.operator in ("!=", "notin") and present and value in req.values:
+            return False
+    return True
+
+
+FIELD_SELECTOR_FIELDS = ("metadata.name", "metadata.namespace")
+
+
+def parse_field_selector(text: str) -> tuple:
+    """Field selectors of this resource: metadata.name and metadata.namespace with =, == or !=."""
+    requirements = []
+    if not text.strip():
+        return ()
+    for part in text.split(","):
+        for symbol in ("!=", "==", "="):
+            if symbol in part:
+                field, value = part.split(symbol, 1)
+                field = field.strip()
+                break
+        else:
+            raise SelectorError(f"invalid field selector {part!r}: expected FIELD=VALUE or FIELD!=VALUE, "
+                                f"e.g. fieldSelector=metadata.name=checkout")
+        if field not in FIELD_SELECTOR_FIELDS:
+            raise SelectorError(f"field label not supported: {field}; {RESOURCE} can be selected by "
+                                f"metadata.name and metadata.namespace only")
+        requirements.append(Requirement(field, "!=" if symbol == "!=" else "=", (value.strip(),)))
+    return tuple(requirements)
+
+
+def fields_match(requirements: tuple, namespace: str, name: str) -> bool:
+    for req in requirements:
+        actual = name if req.key == "metadata.name" else namespace
+        if (actual == req.values[0]) != (req.operator == "="):
+            return False
+    return True
+
+
+def exact_field(requirements: tuple, field: str) -> Optional[str]:
+    """The value a field selector pins a field to with '=', if any."""
+    for req in requirements:
+        if req.key == field and req.operator == "=":
+            return req.values[0]
+    return None
+
+
+def encode_continue(resource_version: str, after: tuple) -> str:
+    token = json.dumps({"rv": resource_version, "start": list(after)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+
+
+def decode_continue(token: str) -> tuple:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        namespace, name = data["start"]
+        return str(data["rv"]), (str(namespace), str(name))
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError) as error:
+        raise SelectorError(f"continue key is not valid: {error}; pass metadata.continue of the previous "
+                            f"page unchanged, or start again without continue") from None
+
+
+# ---------------------------------------------------------------------------
+# Request identity: front-proxy and client certificates, delegated authorization
+# ---------------------------------------------------------------------------
+# kube-apiserver proxies with its front-proxy client certificate and names the user in
+# X-Remote-* headers (aggregator-contract.md §5).  Those headers are believed only when the
+# connection's certificate chains to the requestheader CA and its CN is allowed.
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    user: str
+    groups: tuple = ()
+    extra: tuple = ()          # ((key, (values...)), ...)
+    method: str = "none"       # "front-proxy", "client-cert" or "none"
+    uid: str = ""
+
+
+ANONYMOUS = Identity("system:anonymous", ("system:unauthenticated",), (), "none")
+
+
+def pem_certificates(pem: str) -> list:
+    """The PEM blocks of a CA bundle, each as DER bytes."""
+    blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
+    return [ssl.PEM_cert_to_DER_cert(block) for block in blocks]
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Who may call reqapi: the CA bundles and header names, from flags or from the
+    kube-system/extension-apiserver-authentication ConfigMap."""
+    source: str = "off"
+    requestheader_ca: str = ""
+    allowed_names: tuple = ()
+    username_headers: tuple = ("x-remote-user",)
+    group_headers: tuple = ("x-remote-group",)
+    extra_prefixes: tuple = ("x-remote-extra-",)
+    uid_headers: tuple = ()
+    client_ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requestheader_ca or self.client_ca)
+
+    @property
+    def requestheader_ders(self) -> frozenset:
+        return frozenset(pem_certificates(self.requestheader_ca))
+
+    @property
+    def client_ders(self) -> frozenset:
+        return frozenset(pem_certificates(self.client_ca))
+
+
+def auth_config_from_configmap(data: dict) -> AuthConfig:
+    """Read extension-apiserver-authentication's data the way k8s.io/apiserver does (JSON string arrays)."""
+    def strings(key: str, default: tuple) -> tuple:
+        raw = data.get(key)
+        if raw in (None, ""):
+            return default
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"configmap key {key} is not a JSON array of strings: {raw!r}") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"configmap key {key} is not a JSON array of strings: {raw!r}")
+        return tuple(values)
+
+    config = AuthConfig(
+        source="configmap kube-system/extension-apiserver-authentication",
+        requestheader_ca=data.get("requestheader-client-ca-file", "") or "",
+        allowed_names=strings("requestheader-allowed-names", ()),
+        username_headers=tuple(h.lower() for h in strings("requestheader-username-headers", ())),
+        group_headers=tuple(h.lower() for h in strings("requestheader-group-headers", ())),
+        extra_prefixes=tuple(h.lower() for h in strings("requestheader-extra-headers-prefix", ())),
+        uid_headers=tuple(h.lower() for h in strings("requestheader-uid-headers", ())),
+        client_ca=data.get("client-ca-file", "") or "")
+    for label, pem in (("requestheader-client-ca-file", config.requestheader_ca),
+                       ("client-ca-file", config.client_ca)):
+        if pem and not pem_certificates(pem):
+            raise ValueError(f"configmap key {label} holds no PEM certificate")
+    if not config.enabled:
+        raise ValueError("the configmap has neither requestheader-client-ca-file nor client-ca-file: "
+                         "kube-apiserver runs without --requestheader-client-ca-file (the aggregation layer "
+                         "is not configured); see https://kubernetes.io/docs/tasks/extend-kubernetes/"
+                         "configure-aggregation-layer/")
+    return config
+
+
+class PeerCertificate(NamedTuple):
+    """What the TLS layer proved about the client: its certificate and the CA it chains to."""
+    anchor: bytes              # DER of the trust anchor the chain was verified against
+    common_name: str
+    organizations: tuple
+
+
+def _subject_values(subject: tuple, key: str) -> list:
+    return [value for rdn in subject for (name, value) in rdn if name == key]
+
+
+def peer_certificate(tls_socket: ssl.SSLSocket) -> Optional[PeerCertificate]:
+    """The verified client certificate of a connection, or None if the client sent none."""
+    leaf = tls_socket.getpeercert()
+    if not leaf:
+        return None
+    # Public in Python 3.13 (SSLSocket.get_verified_chain); the same method on the
+    # internal object since 3.10.
+    getter = getattr(tls_socket, "get_verified_chain", None) or tls_socket._sslobj.get_verified_chain
+    chain = getter()
+    anchor = chain[-1]
+    if not isinstance(anchor, bytes):
+        anchor = anchor.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+    subject = leaf.get("subject", ())
+    names = _subject_values(subject, "commonName")
+    return PeerCertificate(anchor, names[0] if names else "", tuple(_subject_values(subject, "organizationName")))
+
+
+class AuthFailure(NamedTuple):
+    message: str
+
+
+def _unescape_extra_key(key: str) -> str:
+    return urllib.parse.unquote(key.lower())
+
+
+def authenticate(config: AuthConfig, peer: Optional[PeerCertificate], header_items: list,
+                 requestheader_ders: frozenset = frozenset(), client_ders: frozenset = frozenset()):
+    """Identify the caller the way k8s.io/apiserver's delegating authenticator does.
+
+    Returns an Identity, or an AuthFailure whose message tells the operator what to fix.
+    Identity headers count only on a connection whose certificate chains to the
+    requestheader CA; everywhere else they are ignored."""
+    if not config.enabled:
+        return ANONYMOUS
+    problems = []
+    if peer is not None and peer.anchor in requestheader_ders:
+        if config.allowed_names and peer.common_name not in config.allowed_names:
+            problems.append(f"the front-proxy client certificate CN={peer.common_name!r} is not in "
+                            f"--requestheader-allowed-names {list(config.allowed_names)}")
+        else:
+            user, uid, groups, extra = "", "", [], {}
+            for name, value in header_items:
+                if name in config.username_headers and not user and value:
+                    user = value
+                elif name in config.uid_headers and not uid and value:
+                    uid = value
+                elif name in config.group_headers and value:
+                    groups.append(value)
+                else:
+                    for prefix in config.extra_prefixes:
+                        if name.startswith(prefix) and len(name) > len(prefix):
+                            extra.setdefault(_unescape_extra_key(name[len(prefix):]), []).append(value)
+                            break
+            if user:
+                if "system:authenticated" not in groups:
+                    groups.append("system:authenticated")
+                return Identity(user, tuple(groups), tuple((k, tuple(v)) for k, v in sorted(extra.items())),
+                                "front-proxy", uid)
+            problems.append(f"the front-proxy client certificate came without a user header "
+                            f"({', '.join(config.username_headers) or 'none configured'})")
+    if peer is not None and peer.anchor in client_ders:
+        groups = tuple(peer.organizations) + ("system:authenticated",)
+        return Identity(peer.common_name, groups, (), "client-cert")
+    if peer is None:
+        problems.append("the request carried no client certificate")
+    elif not problems:
+        problems.append(f"the client certificate CN={peer.common_name!r} is signed by a CA that is neither "
+                        f"the requestheader CA nor the client CA")
+    return AuthFailure(
+        "Unauthorized: this request did not come through kube-apiserver and named no trusted client "
+        f"certificate ({'; '.join(problems)}). Call reqapi through kube-apiserver "
+        f"(kubectl get --raw /apis/{GROUP_VERSION}/...), or present a certificate signed by the CA in "
+        "--client-ca-file; for kube-apiserver's own proxy, reqapi trusts --requestheader-client-ca-file "
+        "(read from kube-system/extension-apiserver-authentication in a cluster).")
+
+
+class AuthorizationDecision(NamedTuple):
+    allowed: bool
+    reason: str
+
+
+def forbidden_message(identity: Identity, verb: str, namespace: str, name: str, path: str) -> str:
+    """kube-apiserver's wording for a denial (aggregator-contract.md §7)."""
+    user = identity.user.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if not path.startswith("/apis/" + GROUP_VERSION + "/") or verb not in ("get", "list", "watch"):
+        return f'forbidden: User "{user}" cannot get path "{path}"'
+    subject = f'{QUALIFIED_RESOURCE} "{name}"' if name else QUALIFIED_RESOURCE
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    return (f'{subject} is forbidden: User "{user}" cannot {verb} resource "{RESOURCE}" '
+            f'in API group "{GROUP}" {scope}')
+
+
+class KubeClient:
+    """The few calls reqapi makes to kube-apiserver, with the pod's ServiceAccount (urllib)."""
+
+    def __init__(self, url: str, token_file: str, ca_file: str, timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.token_file = token_file
+        self.timeout = timeout
+        # A plain client context: Python 3.13's create_default_context() adds VERIFY_X509_STRICT,
+        # which rejects some cluster CAs (ops.md §3.3).
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.load_verify_locations(cafile=ca_file)
+
+    def call(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        with open(self.token_file, encoding="utf-8") as handle:   # re-read: projected tokens rotate
+            token = handle.read().strip()
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {token}", "Accept": "application/json",
+            "Content-Type": "application/json", "User-Agent": f"reqapi/{__version__}"})
+        with urllib.request.urlopen(request, timeout=self.timeout, context=self.context) as response:
+            return json.loads(response.read())
+
+
+def describe_http_error(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        try:
+            body = json.loads(error.read())
+            return f"{error.code} {body.get('reason', '')}: {body.get('message', '')}"
+        except (ValueError, AttributeError, OSError):
+            return f"{error.code} {error.reason}"
+    return str(getattr(error, "reason", error))
+
+
+class DelegatedAuthorizer:
+    """--authorization-mode=Delegated: a SubjectAccessReview per request, decisions cached 10 s
+    (k8s.io/apiserver's defaults).  system:masters is always allowed."""
+
+    ALWAYS_ALLOW_GROUPS = ("system:masters",)
+    TTL = 10.0
+
+    def __init__(self, client: KubeClient, clock: Callable[[], float] = time.monotonic):
+        self.client = client
+        self.clock = clock
+        self.cache: dict = {}
+        self.lock = threading.Lock()
+
+    def authorize(self, identity: Identity, attributes: dict) -> AuthorizationDecision:
+        if any(group in self.ALWAYS_ALLOW_GROUPS for group in identity.groups):
+            return AuthorizationDecision(True, "")
+        spec: dict = dict(attributes)
+        spec.update({"user": identity.user, "groups": list(identity.groups)})
+        if identity.uid:
+            spec["uid"] = identity.uid
+        if identity.extra:
+            spec["extra"] = {key: list(values) for key, values in identity.extra}
+        key = json.dumps(spec, sort_keys=True)
+        now = self.clock()
+        with self.lock:
+            cached = self.cache.get(key)
+            if cached and cached[0] > now:
+                return cached[1]
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+        answer = self.client.call("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+        result = answer.get("status", {})
+        allowed = bool(result.get("allowed")) and not result.get("denied")
+        decision = AuthorizationDecision(allowed, str(result.get("reason", "")))
+        with self.lock:
+            if len(self.cache) > 10000:
+                self.cache.clear()
+            self.cache[key] = (now + self.TTL, decision)
+        return decision
+
+
+# ---------------------------------------------------------------------------
+# Endpoints: one function per route, and the route table
+# ---------------------------------------------------------------------------
+# An endpoint takes the Application (state, no sockets) and a parsed Request and returns a
+# Response, or a WatchStream for watches.  The HTTP handler below does the I/O.
+
+def dumps(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+DISCOVERY_TYPE = "application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList"
+TABLE_TYPE = "application/json;as=Table;v={version};g=meta.k8s.io"
+ACCEPTED_TYPES = f"{JSON}, {TABLE_TYPE.format(version='v1')}, {TABLE_TYPE.format(version='v1beta1')}"
+
+
+class Response(NamedTuple):
+    code: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple = ()        # extra (name, value) pairs
+
+
+class WatchStream(NamedTuple):
+    content_type: str
+    events: Iterator[bytes]    # one JSON document per item, already encoded
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    segments: list
+    query: dict                # name -> [values]
+    headers: dict              # lower-case name -> value (repeated headers joined with ", ")
+    header_items: list         # [(lower-case name, value)] in order, for multi-valued headers
+    remote: str
+    identity: Identity = ANONYMOUS
+    params: dict = dataclasses.field(default_factory=dict)   # path parameters: namespace, name
+    audit_id: str = ""
+    version: str = "HTTP/1.1"
+
+    def arg(self, name: str, default: str = "") -> str:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+
+class HTTPError(Exception):
+    """An error answer; the handler turns it into a Status response."""
+
+    def __init__(self, code: int, reason: str, message: str, details: Optional[dict] = None,
+                 headers: tuple = (), retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+        self.details, self.headers, self.retry_after = details, headers, retry_after
+
+    def response(self) -> Response:
+        headers = self.headers
+        if self.retry_after is not None:
+            headers = headers + (("Retry-After", str(self.retry_after)),)
+        return Response(self.code, dumps(status(self.code, self.reason, self.message, self.details,
+                                                self.retry_after)), JSON, headers)
+
+
+def not_found_path() -> HTTPError:
+    return HTTPError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+class MediaRange(NamedTuple):
+    mime: str
+    params: dict
+    quality: float
+
+
+def parse_accept(header: str) -> list:
+    """Media ranges of an Accept header, best first (stable for equal q, as Go's negotiation is)."""
+    ranges = []
+    for part in header.split(","):
+        pieces = part.split(";")
+        mime = pieces[0].strip().lower()
+        if not mime:
+            continue
+        params, quality = {}, 1.0
+        for piece in pieces[1:]:
+            key, _, value = piece.partition("=")
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+            elif key:
+                params[key] = value
+        if quality > 0:
+            ranges.append(MediaRange(mime, params, quality))
+    ranges.sort(key=lambda r: -r.quality)
+    return ranges
+
+
+def _json_range(media: MediaRange) -> bool:
+    return media.mime in (JSON, "application/*", "*/*")
+
+
+def negotiate_object(request: Request) -> tuple:
+    """("json", "") or ("table", "v1"|"v1beta1") for resource endpoints; 406 otherwise."""
+    accept = request.headers.get("accept", "")
+    if not accept:
+        return ("json", "")
+    for media in parse_accept(accept):
+        if not _json_range(media):
+            continue
+        as_kind = media.params.get("as")
+        if as_kind is None:
+            return ("json", "")
+        if as_kind == "Table" and media.params.get("g") == "meta.k8s.io" and \
+                media.params.get("v") in ("v1", "v1beta1"):
+            return ("table", media.params["v"])
+    raise HTTPError(406, "NotAcceptable", f"only the following media types are accepted: {ACCEPTED_TYPES}")
+
+
+def negotiate_plain_json(request: Request) -> None:
+    accept = request.headers.get("accept", "")
+    if accept and not any(_json_range(m) and "as" not in m.params for m in parse_accept(accept)):
+        raise HTTPError(406, "NotAcceptable", f"only the following media types are accepted: {JSON}")
+
+
+def negotiate_discovery(request: Request) -> str:
+    """"v2", "v2beta1" (aggregated discovery) or "" (legacy APIGroupList), by the client's offer."""
+    accept = request.headers.get("accept", "")
+    if not accept:
+        return ""
+    for media in parse_accept(accept):
+        if not _json_range(media):
+            continue
+        if media.params.get("g") == "apidiscovery.k8s.io" and media.params.get("as") == "APIGroupDiscoveryList":
+            if media.params.get("v") in ("v2", "v2beta1"):
+                return media.params["v"]
+            continue
+        if "as" not in media.params:
+            return ""
+    raise HTTPError(406, "NotAcceptable", "only the following media types are accepted: "
+                    f"{DISCOVERY_TYPE.format(version='v2')}, {DISCOVERY_TYPE.format(version='v2beta1')}, {JSON}")
+
+
+class StaticDocument(NamedTuple):
+    body: bytes
+    etag: str
+    content_type: str
+
+
+def static_document(document: dict, content_type: str = JSON) -> StaticDocument:
+    body = dumps(document)
+    return StaticDocument(body, f'"{content_hash(body)}"', content_type)
+
+
+def serve_static(request: Request, document: StaticDocument, cache_control: str = "public") -> Response:
+    """A discovery or OpenAPI document with an ETag; 304 when If-None-Match names it."""
+    headers = (("ETag", document.etag), ("Vary", "Accept"), ("Cache-Control", cache_control))
+    wanted = request.headers.get("if-none-match", "")
+    if wanted and document.etag in [tag.strip().removeprefix("W/") for tag in wanted.split(",")]:
+        return Response(304, b"", document.content_type, headers)
+    return Response(200, document.body, document.content_type, headers)
+
+
+def build_static_documents() -> dict:
+    v3 = static_document(openapi_v3_document())
+    return {
+        "apis:v2": static_document(aggregated_discovery("v2"), DISCOVERY_TYPE.format(version="v2")),
+        "apis:v2beta1": static_document(aggregated_discovery("v2beta1"), DISCOVERY_TYPE.format(version="v2beta1")),
+        "apis:legacy": static_document(api_group_list()),
+        "group": static_document(api_group()),
+        "resources": static_document(api_resource_list()),
+        "openapi:v2": static_document(openapi_v2_document()),
+        "openapi:v3": v3,
+        "openapi:v3:root": static_document(openapi_v3_root(v3.etag.strip('"'))),
+        "version": static_document(version_info()),
+        "root": static_document(root_paths()),
+    }
+
+
+# Non-resource endpoints
+
+def endpoint_root(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["root"])
+
+
+def endpoint_version(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["version"])
+
+
+def endpoint_core_api(app: "Application", request: Request) -> Response:
+    # No core group here; client-go treats a 404 on /api as "no legacy group" (kubectl-trace.md §3.1).
+    raise HTTPError(404, "NotFound", f"the server could not find the requested resource: reqapi serves only "
+                    f"/apis/{GROUP_VERSION}, there is no core (/api) group", {})
+
+
+def endpoint_apis(app: "Application", request: Request) -> Response:
+    variant = negotiate_discovery(request)
+    return serve_static(request, app.documents[f"apis:{variant or 'legacy'}"])
+
+
+def endpoint_group(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["group"])
+
+
+def endpoint_resources(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["resources"])
+
+
+def endpoint_openapi_v2(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["openapi:v2"])
+
+
+def endpoint_openapi_v3_root(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    return serve_static(request, app.documents["openapi:v3:root"])
+
+
+def endpoint_openapi_v3(app: "Application", request: Request) -> Response:
+    negotiate_plain_json(request)
+    document = app.documents["openapi:v3"]
+    # Always the current document, whatever the hash: a redirect would become a 502 in kube-apiserver.
+    if request.arg("hash") and request.arg("hash") == document.etag.strip('"'):
+        expires = email.utils.formatdate(time.time() + 365 * 86400, usegmt=True)
+        response = serve_static(request, document, "public, immutable")
+        return response._replace(headers=response.headers + (("Expires", expires),))
+    return serve_static(request, document, "no-cache, private")
+
+
+def endpoint_health(app: "Application", request: Request) -> Response:
+    root = request.segments[0]
+    only = request.params.get("check")
+    checks = app.health_checks(root)
+    excluded = set(request.query.get("exclude", []))
+    if only is not None:
+        for name, ok, detail in checks:
+            if name == only:
+                return Response(200 if ok else 503, b"ok" if ok else f"internal server error: {detail}".encode(),
+                                TEXT, (("X-Content-Type-Options", "nosniff"),))
+        raise not_found_path()
+    lines, healthy = [], True
+    for name, ok, detail in checks:
+        if name in excluded:
+            lines.append(f"[+]{name} excluded: ok")
+        elif ok:
+            lines.append(f"[+]{name} ok")
+        else:
+            healthy = False
+            lines.append(f"[-]{name} failed: {detail}")
+    for name in sorted(excluded - {name for name, _, _ in checks}):
+        lines.append(f'warn: some health checks cannot be excluded: no matches for "{name}"')
+    lines.extend(f"warn: {warning}" for warning in app.health_warnings(root))
+    verbose = "verbose" in request.query
+    code = 200 if healthy else (503 if root == "readyz" else 500)
+    if healthy and not verbose:
+        body = "ok"
+    else:
+        body = "\n".join(lines) + f"\n{root} check {'passed' if healthy else 'failed'}\n"
+    return Response(code, body.encode(), TEXT, (("X-Content-Type-Options", "nosniff"),
+                                                ("Cache-Control", "no-cache, private")))
+
+
+def endpoint_metrics(app: "Application", request: Request) -> Response:
+    return Response(200, app.metrics.render(app).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+# Resource endpoints
+
+def checked_namespace(segment: str) -> str:
+    problem = _segment_problem(segment) or namespace_problem(segment)
+    if problem:
+        raise HTTPError(400, "BadRequest", f"namespace {segment!r} is not valid: {problem}; namespaces are "
+                        f"DNS-1123 labels, e.g. 'default' or 'shop-prod'")
+    return segment
+
+
+def checked_name(segment: str) -> str:
+    problem = _segment_problem(segment) or name_problem(segment)
+    if problem:
+        raise HTTPError(400, "BadRequest", f"Name parameter invalid: {segment!r}: {problem}; workload names "
+                        f"are DNS-1123 subdomains, e.g. 'checkout' or 'web.v2'")
+    return segment
+
+
+def _segment_problem(segment: str) -> Optional[str]:
+    if segment in (".", ".."):
+        return f"may not be '{segment}'"
+    for char, label in (("/", "'/'"), ("%", "'%'"), ("\x00", "a NUL byte")):
+        if char in segment:
+            return f"may not contain {label}"
+    return None
+
+
+def endpoint_get(app: "Application", request: Request):
+    namespace = checked_namespace(request.params["namespace"])
+    name = checked_name(request.params["name"])
+    if request.arg("watch") in ("true", "1"):
+        # The deprecated watch of one object by name: the same as a field-selected collection watch.
+        return watch_collection(app, request, namespace, (Requirement("metadata.name", "=", (name,)),))
+    mode, table_version = negotiate_object(request)
+    if mode == "json":
+        return Response(200, app.object_json(namespace, name), JSON, (("Cache-Control", "no-cache, private"),))
+    include = include_object_of(request)
+    now = time.time()
+    generation = app.generation
+    obj = requests_object(namespace, name, generation.prediction(namespace, name), generation.resource_version,
+                          int(now))
+    document = table([table_row(obj, include, now, int(now))], generation.resource_version, table_version)
+    return Response(200, dumps(document), TABLE_TYPE.format(version=table_version),
+                    (("Cache-Control", "no-cache, private"),))
+
+
+def include_object_of(request: Request) -> str:
+    include = request.arg("includeObject", "Metadata") or "Metadata"
+    if include not in INCLUDE_OBJECT_CHOICES:
+        raise HTTPError(400, "BadRequest", f"includeObject must be one of None, Metadata or Object, not {include!r}")
+    return include
+
+
+def list_selection(request: Request, namespace: Optional[str]) -> tuple:
+    try:
+        fields = parse_field_selector(request.arg("fieldSelector"))
+        labels = parse_label_selector(request.arg("labelSelector"))
+    except SelectorError as error:
+        raise HTTPError(400, "BadRequest", str(error)) from None
+    return fields, labels
+
+
+def endpoint_list(app: "Application", request: Request):
+    namespace = checked_namespace(request.params["namespace"]) if "namespace" in request.params else None
+    fields, labels = list_selection(request, namespace)
+    if request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]:
+        return watch_collection(app, request, namespace, fields, labels)
+    mode, table_version = negotiate_object(request)
+    include = include_object_of(request) if mode == "table" else ""
+    generation = app.generation
+    token, match = request.arg("continue"), request.arg("resourceVersionMatch")
+    if token:
+        resource_version, after = decode_continue_or_400(token)
+        generation = app.generation_at(resource_version)
+        if generation is None:
+            raise HTTPError(410, "Expired", "The provided continue parameter is too old to display a consistent "
+                            "list result. You can start a new list without the continue parameter.")
+    elif match == "Exact" and request.arg("resourceVersion") not in ("", "0"):
+        generation = app.generation_at(request.arg("resourceVersion"))
+        if generation is None:
+            raise HTTPError(410, "Expired", f"too old resource version: {request.arg('resourceVersion')} "
+                            f"({app.generation.resource_version}); list without resourceVersion for the current one")
+        after = None
+    else:
+        after = None
+    items = sorted(select_items(generation, namespace, fields, labels).items())
+    if after is not None:
+        items = [item for item in items if item[0] > after]
+    limit = request.arg("limit")
+    continue_token, remaining = "", None
+    if limit:
+        if not limit.isdigit():
+            raise HTTPError(400, "BadRequest", f"limit must be a non-negative integer, not {limit!r}")
+        if 0 < int(limit) < len(items):
+            remaining = len(items) - int(limit)
+            items = items[:int(limit)]
+            continue_token = encode_continue(generation.resource_version, items[-1][0])
+    now = int(time.time())
+    objects = [requests_object(ns, name, prediction, generation.resource_version, now)
+               for (ns, name), prediction in items]
+    headers = (("Cache-Control", "no-cache, private"),)
+    if mode == "json":
+        return Response(200, dumps(requests_list(objects, generation.resource_version, continue_token, remaining)),
+                        JSON, headers)
+    rows = [table_row(obj, include, now, now) for obj in objects]
+    document = table(rows, generation.resource_version, table_version, True, continue_token, remaining)
+    return Response(200, dumps(document), TABLE_TYPE.format(version=table_version), headers)
+
+
+def decode_continue_or_400(token: str) -> tuple:
+    try:
+        return decode_continue(token)
+    except SelectorError as error:
+        raise HTTPError(400, "BadRequest", str(error)) from None
+
+
+def select_items(generation: "Generation", namespace: Optional[str], fields: tuple, labels: tuple) -> dict:
+    """The items a list or watch holds: the workloads the rules name exactly, filtered by namespace
+    and selectors; plus the one workload a field selector pins by namespace and name (every valid
+    name has a prediction, so `kubectl get requests NAME --watch` works for any NAME)."""
+    if not labels_match(labels, {}):
+        return {}
+    items = {key: prediction for key, prediction in generation.named.items()
+             if (namespace is None or key[0] == namespace) and fields_match(fields, key[0], key[1])}
+    pinned_name = exact_field(fields, "metadata.name")
+    pinned_namespace = namespace or exact_field(fields, "metadata.namespace")
+    if pinned_name and pinned_namespace and not name_problem(pinned_name) and \
+            not namespace_problem(pinned_namespace) and fields_match(fields, pinned_namespace, pinned_name):
+        items[(pinned_namespace, pinned_name)] = generation.prediction(pinned_namespace, pinned_name)
+    return items
+
+
+def watch_collection(app: "Application", request: Request, namespace: Optional[str], fields: tuple,
+                     labels: tuple = ()) -> WatchStream:
+    """A watch: newline-delimited WatchEvents (aggregator-contract.md §7, kubectl-trace.md §4f).
+
+    resourceVersion absent or "0" starts with an ADDED event per current item; a resourceVersion
+    this server knows (the rules are content-addressed, so any replica with the same rules knows
+    it) starts with the difference since then; anything else is a 410 Expired ERROR event."""
+    mode, table_version = negotiate_object(request)
+    include = include_object_of(request) if mode == "table" else ""
+    start = request.arg("resourceVersion")
+    timeout_text = request.arg("timeoutSeconds")
+    if timeout_text and not timeout_text.isdigit():
+        raise HTTPError(400, "BadRequest", f"timeoutSeconds must be a non-negative integer, not {timeout_text!r}")
+    timeout = int(timeout_text) if timeout_text else app.config.watch_timeout
+    send_initial = request.arg("sendInitialEvents") == "true"
+    bookmarks = request.arg("allowWatchBookmarks") == "true"
+    content_type = TABLE_TYPE.format(version=table_version) if mode == "table" else JSON
+    return WatchStream(content_type, _watch_events(app, namespace, fields, labels, start, timeout, send_initial,
+                                                   bookmarks, mode, table_version, include))
+
+
+def _watch_events(app, namespace, fields, labels, start, timeout, send_initial, bookmarks, mode,
+                  table_version, include) -> Iterator[bytes]:
+    deadline = time.monotonic() + timeout
+    generation = app.generation
+    columns_sent = [False]
+
+    def encode(event_type: str, key: tuple, prediction: Prediction, resource_version: str) -> bytes:
+        now = int(time.time())
+        obj = requests_object(key[0], key[1], prediction, resource_version, now)
+        if mode == "table":
+            obj = table([table_row(obj, include, now, now)], resource_version, table_version, not columns_sent[0])
+            columns_sent[0] = True
+        return dumps(watch_event(event_type, obj))
+
+    current = select_items(generation, namespace, fields, labels)
+    if start in ("", "0") or send_initial:
+        for key, prediction in sorted(current.items()):
+            yield encode("ADDED", key, prediction, generation.resource_version)
+        if send_initial:
+            yield dumps(watch_event("BOOKMARK", {"kind": KIND, "apiVersion": GROUP_VERSION, "metadata": {
+                "resourceVersion": generation.resource_version,
+                "annotations": {"k8s.io/initial-events-end": "true"}}}))
+    else:
+        past = app.generation_at(start)
+        if past is None:
+            yield dumps(watch_event("ERROR", status(
+                410, "Expired", f"too old resource version: {start} ({generation.resource_version}); "
+                "list again to get the current resourceVersion")))
+            return
+        yield from _diff_events(select_items(past, namespace, fields, labels), current, generation, encode)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        newer = app.wait_for_change(generation, remaining)
+        if newer is None:          # timed out or shutting down
+            break
+        generation = newer
+        following = select_items(generation, namespace, fields, labels)
+        yield from _diff_events(current, following, generation, encode)
+        current = following
+    if bookmarks and mode == "json":
+        yield dumps(watch_event("BOOKMARK", {"kind": KIND, "apiVersion": GROUP_VERSION,
+                                             "metadata": {"resourceVersion": generation.resource_version}}))
+
+
+def _diff_events(before: dict, after: dict, generation: "Generation", encode) -> Iterator[bytes]:
+    for key in sorted(set(before) | set(after)):
+        if key not in after:
+            yield encode("DELETED", key, before[key], generation.resource_version)
+        elif key not in before:
+            yield encode("ADDED", key, after[key], generation.resource_version)
+        elif before[key] != after[key]:
+            yield encode("MODIFIED", key, after[key], generation.resource_version)
+
+
+class Route(NamedTuple):
+    pattern: tuple             # literal segments and "{parameter}" placeholders
+    endpoint: Callable
+    kind: str                  # "public" (no authentication), "discovery" or "resource"
+
+
+ROUTES = (
+    Route((), endpoint_root, "discovery"),
+    Route(("healthz",), endpoint_health, "public"),
+    Route(("livez",), endpoint_health, "public"),
+    Route(("readyz",), endpoint_health, "public"),
+    Route(("healthz", "{check}"), endpoint_health, "public"),
+    Route(("livez", "{check}"), endpoint_health, "public"),
+    Route(("readyz", "{check}"), endpoint_health, "public"),
+    Route(("metrics",), endpoint_metrics, "public"),
+    Route(("version",), endpoint_version, "discovery"),
+    Route(("api",), endpoint_core_api, "discovery"),
+    Route(("apis",), endpoint_apis, "discovery"),
+    Route(("apis", GROUP), endpoint_group, "discovery"),
+    Route(("apis", GROUP, VERSION), endpoint_resources, "discovery"),
+    Route(("apis", GROUP, VERSION, RESOURCE), endpoint_list, "resource"),
+    Route(("apis", GROUP, VERSION, "namespaces", "{namespace}", RESOURCE), endpoint_list, "resource"),
+    Route(("apis", GROUP, VERSION, "namespaces", "{namespace}", RESOURCE, "{name}"), endpoint_get, "resource"),
+    Route(("apis", GROUP, VERSION, "watch", RESOURCE), endpoint_list, "resource"),
+    Route(("apis", GROUP, VERSION, "watch", "namespaces", "{namespace}", RESOURCE), endpoint_list, "resource"),
+    Route(("openapi", "v2"), endpoint_openapi_v2, "discovery"),
+    Route(("openapi", "v3"), endpoint_openapi_v3_root, "discovery"),
+    Route(("openapi", "v3", "apis", GROUP, VERSION), endpoint_openapi_v3, "discovery"),
+)
+
+
+def route_index(routes: Iterable[Route]) -> dict:
+    """Routes grouped by segment count, so a lookup compares a handful of patterns at most."""
+    index: dict = {}
+    for route in routes:
+        index.setdefault(len(route.pattern), []).append(route)
+    return index
+
+
+def match_route(index: dict, segments: list) -> Optional[tuple]:
+    for route in index.get(len(segments), ()):
+        params = {}
+        for expected, actual in zip(route.pattern, segments):
+            if expected[0] == "{":
+                params[expected[1:-1]] = actual
+            elif expected != actual:
+                break
+        else:
+            return route, params
+    return None
+
+
+def request_attributes(request: Request, route: Route) -> dict:
+    """SubjectAccessReview attributes, as k8s.io/apiserver's RequestInfo derives them (§6)."""
+    if route.kind != "resource":
+        return {"nonResourceAttributes": {"path": request.path, "verb": request.method.lower()}}
+    name = request.params.get("name", "")
+    watching = request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]
+    if name:
+        verb = "watch" if watching else "get"
+    else:
+        verb = "watch" if watching else "list"
+        name = exact_field(parse_field_selector_quietly(request.arg("fieldSelector")), "metadata.name") or ""
+    attributes = {"verb": verb, "group": GROUP, "version": VERSION, "resource": RESOURCE}
+    if request.params.get("namespace"):
+        attributes["namespace"] = request.params["namespace"]
+    if name:
+        attributes["name"] = name
+    return {"resourceAttributes": attributes}
+
+
+def parse_field_selector_quietly(text: str) -> tuple:
+    try:
+        return parse_field_selector(text)
+    except SelectorError:
+        return ()
+
+
+class Generation:
+    """One loaded set of rules and what follows from it.  Immutable once built, except for its
+    memo of predictions and serialised objects (pure functions of the rules, so safe to share)."""
+
+    MEMO_LIMIT = 65536
+
+    def __init__(self, rules: Rules):
+        self.rules = rules
+        self.resource_version = resource_version_of(rules.digest)
+        self.named = {(ns, name): predict(rules, ns, name) for ns, name in named_workloads(rules)}
+        self.predictions: dict = {}
+        self.objects: dict = {}
+
+    def prediction(self, namespace: str, name: str) -> Prediction:
+        key = (namespace, name)
+        found = self.predictions.get(key)
+        if found is None:
+            found = predict(self.rules, namespace, name)
+            if len(self.predictions) >= self.MEMO_LIMIT:
+                self.predictions.clear()
+            self.predictions[key] = found
+        return found
+
+
+class Application:
+    """The state of a running reqapi, without sockets: rules generations, authentication
+    configuration, readiness, metrics and the cached documents.  Endpoints read it; the server
+    lifecycle changes it."""
+
+    HISTORY = 64      # rules generations remembered for watch resumption and continue tokens
+
+    def __init__(self, config: argparse.Namespace, log: "Logger"):
+        self.config = config
+        self.log = log
+        self.metrics = Metrics()
+        self.documents = build_static_documents()
+        self.changed = threading.Condition()
+        self.generation = Generation(DEFAULT_RULES)
+        self.history: OrderedDict = OrderedDict([(self.generation.resource_version, self.generation)])
+        self.rules_refused: Optional[str] = None
+        self.auth = AuthConfig()
+        self.auth_ders = (frozenset(), frozenset())
+        self.auth_problem: Optional[str] = None
+        self.authorizer: Optional[DelegatedAuthorizer] = None
+        self.shutting_down = False
+        self.draining = False
+        self.certificate = ""
+        self.tls_refused: Optional[str] = None
+        self.accept_cache: dict = {}
+
+    # rules
+
+    def install_rules(self, rules: Rules) -> bool:
+        """Serve new rules from the next request on; wake watches.  False if nothing changed."""
+        self.rules_refused = None
+        if rules.digest == self.generation.rules.digest and rules.source == self.generation.rules.source:
+            return False
+        generation = Generation(rules)
+        with self.changed:
+            self.history[generation.resource_version] = generation
+            self.history.move_to_end(generation.resource_version)
+            while len(self.history) > self.HISTORY:
+                self.history.popitem(last=False)
+            self.generation = generation
+            self.changed.notify_all()
+        return True
+
+    def generation_at(self, resource_version: str) -> Optional[Generation]:
+        with self.changed:
+            return self.history.get(resource_version)
+
+    def wait_for_change(self, seen: Generation, timeout: float) -> Optional[Generation]:
+        """Block until the rules change, the server drains, or the timeout passes."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.generation is not seen or self.draining, timeout)
+            if self.draining or self.generation is seen:
+                return None
+            return self.generation
+
+    def object_json(self, namespace: str, name: str) -> bytes:
+        """The serialised object, memoised per second (its timestamp has whole seconds)."""
+        generation = self.generation
+        now = int(time.time())
+        key = (namespace, name)
+        cached = generation.objects.get(key)
+        if cached is not None and cached[0] == now:
+            return cached[1]
+        body = dumps(requests_object(namespace, name, generation.prediction(namespace, name),
+                                     generation.resource_version, now))
+        if len(generation.objects) >= Generation.MEMO_LIMIT:
+            generation.objects.clear()
+        generation.objects[key] = (now, body)
+        return body
+
+    # identity
+
+    def set_auth(self, config: AuthConfig) -> None:
+        self.auth_ders = (config.requestheader_ders, config.client_ders)
+        self.auth = config
+        self.auth_problem = None
+
+    def identify(self, request: Request, peer: Optional[PeerCertificate]) -> Identity:
+        if self.auth_problem is not None and not self.auth.enabled:
+            raise HTTPError(503, "ServiceUnavailable", f"reqapi cannot authenticate requests yet: "
+                            f"{self.auth_problem}", retry_after=10)
+        result = authenticate(self.auth, peer, request.header_items, *self.auth_ders)
+        if isinstance(result, AuthFailure):
+            raise HTTPError(401, "Unauthorized", result.message)
+        return result
+
+    def authorize(self, request: Request, route: Route) -> None:
+        if self.authorizer is None:
+            return
+        attributes = request_attributes(request, route)
+        try:
+            decision = self.authorizer.authorize(request.identity, attributes)
+        except (OSError, ValueError) as error:
+            raise HTTPError(500, "InternalError", f"Internal error occurred: authorization with a "
+                            f"SubjectAccessReview failed: {describe_http_error(error)}; reqapi's ServiceAccount "
+                            f"needs the ClusterRole system:auth-delegator") from None
+        if not decision.allowed:
+            resource = attributes.get("resourceAttributes", {})
+            message = forbidden_message(request.identity, resource.get("verb", "get"),
+                                        resource.get("namespace", ""), resource.get("name", ""), request.path)
+            if decision.reason:
+                message += f": {decision.reason}"
+            details = resource_details(resource.get("name", "")) if resource else {}
+            raise HTTPError(403, "Forbidden", message, details, (("X-Content-Type-Options", "nosniff"),))
+
+    # health
+
+    def health_checks(self, root: str) -> list:
+        checks = [("ping", True, ""), ("log", True, "")]
+        if root == "readyz":
+            checks.append(("rules", True, ""))
+            checks.append(("authentication", self.auth_problem is None,
+                           self.auth_problem or ""))
+            checks.append(("shutdown", not self.shutting_down, "process is shutting down"))
+        return checks
+
+    def health_warnings(self, root: str) -> list:
+        if root != "readyz":
+            return []
+        rules = self.generation.rules
+        warnings = [f"rules: serving {rules.source} (resourceVersion {self.generation.resource_version})"]
+        if self.rules_refused:
+            warnings.append(f"rules: the newest rules file was refused, the last good rules keep serving: "
+                            f"{self.rules_refused}")
+        if self.tls_refused:
+            warnings.append(f"tls: the newest certificate was refused, the previous one keeps serving: "
+                            f"{self.tls_refused}")
+        if not self.auth.enabled and self.auth_problem is None:
+            warnings.append("authentication is off: every caller is served; set --requestheader-client-ca-file "
+                            "(and --client-ca-file) or run in a pod to read kube-system/"
+                            "extension-apiserver-authentication")
+        else:
+            warnings.append(f"authentication: {self.auth.source}")
+        return warnings
+
+
+def dispatch(app: Application, index: dict, request: Request, peer: Optional[PeerCertificate]):
+    """Route, authenticate, authorize and call: the whole life of a request except its bytes."""
+    found = match_route(index, request.segments)
+    if found is None:
+        raise not_found_path()
+    route, request.params = found
+    if route.kind != "public":
+        request.identity = app.identify(request, peer)
+    if request.method not in ("GET", "HEAD"):
+        raise HTTPError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
+                        f"resource: reqapi is read-only ({request.method} is not allowed; use GET: get, list, "
+                        f"watch)", {}, (("Allow", "GET, HEAD"),))
+    if route.kind != "public":
+        app.authorize(request, route)
+    return route.endpoint(app, request)
+
+
+# ---------------------------------------------------------------------------
+# Logs and metrics
+# ---------------------------------------------------------------------------
+
+class Logger:
+    """One line per event to a file descriptor (stderr), as text or JSON.  Lines are written
+    with one os.write each: cheap, unbuffered, and never interleaved."""
+
+    LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+    def __init__(self, fmt: str = "text", level: str = "info", fd: int = 2):
+        self.json = fmt == "json"
+        self.threshold = self.LEVELS[level]
+        self.fd = fd
+        self._second = -1
+        self._stamp = ""
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._stamp, self._second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), second
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def enabled(self, level: str) -> bool:
+        return self.LEVELS[level] >= self.threshold
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        if self.LEVELS[level] < self.threshold:
+            return
+        if self.json:
+            record = {"time": self._timestamp(), "level": level, "msg": message}
+            record.update(fields)
+            line = json.dumps(record, ensure_ascii=False, default=str)
+        else:
+            extra = "".join(f" {key}={_text_value(value)}" for key, value in fields.items())
+            line = f"{self._timestamp()} {level.upper():<7} {message}{extra}"
+        self.write(line)
+
+    def write(self, line: str) -> None:
+        try:
+            os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def request(self, method: str, path: str, code: int, seconds: float, identity: Identity,
+                remote: str, audit_id: str) -> None:
+        if self.threshold > 20:
+            return
+        if self.json:
+            record = {"time": self._timestamp(), "level": "info", "msg": "request", "method": method,
+                      "path": path, "status": code, "duration_ms": round(seconds * 1000, 3),
+                      "user": identity.user, "groups": list(identity.groups), "auth": identity.method,
+                      "remote": remote}
+            if identity.extra:
+                record["extra"] = {key: list(values) for key, values in identity.extra}
+            if audit_id:
+                record["audit_id"] = audit_id
+            self.write(json.dumps(record, ensure_ascii=False))
+        else:
+            self.write(f"{self._timestamp()} INFO    {method} {path} {code} {seconds * 1000:.2f}ms "
+                       f"user={_text_value(identity.user)} auth={identity.method} remote={remote}"
+                       + (f" audit_id={audit_id}" if audit_id else ""))
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+
+
+class Metrics:
+    """Prometheus counters and a latency histogram.  Labels never carry namespaces or names."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict = {}
+        self.histogram: dict = {}
+        self.in_flight = 0
+        self.watches = 0
+        self.connections = 0
+        self.connections_rejected = 0
+        self.handshake_failures = 0
+        self.reloads: dict = {}
+        self.certificate_expiry = 0.0
+        self.started = time.time()
+
+    def observe(self, verb: str, resource: str, code: int, seconds: float) -> None:
+        key = (verb, resource, code)
+        with self.lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if verb != "WATCH":
+                buckets = self.histogram.get(verb)
+                if buckets is None:
+                    buckets = self.histogram[verb] = [0] * (len(self.BUCKETS) + 2)
+                index = 0
+                for index, bound in enumerate(self.BUCKETS):
+                    if seconds <= bound:
+                        break
+                else:
+                    index = len(self.BUCKETS)
+                buckets[index] += 1
+                buckets[-1] += seconds
+
+    def count(self, attribute: str, delta: int = 1) -> None:
+        with self.lock:
+            setattr(self, attribute, getattr(self, attribute) + delta)
+
+    def reloaded(self, what: str, result: str) -> None:
+        with self.lock:
+            self.reloads[(what, result)] = self.reloads.get((what, result), 0) + 1
+
+    def render(self, app: Application) -> str:
+        with self.lock:
+            requests, histogram = dict(self.requests), {k: list(v) for k, v in self.histogram.items()}
+            reloads = dict(self.reloads)
+            gauges = (self.in_flight, self.watches, self.connections, self.connections_rejected,
+                      self.handshake_failures)
+        lines = [
+            "# HELP reqapi_build_info reqapi's version.", "# TYPE reqapi_build_info gauge",
+            f'reqapi_build_info{{version="{__version__}",python="{sys.version.split()[0]}"}} 1',
+            "# HELP reqapi_requests_total Requests answered, by verb, resource and HTTP code.",
+            "# TYPE reqapi_requests_total counter"]
+        for (verb, resource, code), value in sorted(requests.items()):
+            lines.append(f'reqapi_requests_total{{verb="{verb}",resource="{resource}",code="{code}"}} {value}')
+        lines += ["# HELP reqapi_request_duration_seconds Time to answer a request (watches excluded).",
+                  "# TYPE reqapi_request_duration_seconds histogram"]
+        for verb, buckets in sorted(histogram.items()):
+            cumulative = 0
+            for bound, count in zip(self.BUCKETS, buckets):
+                cumulative += count
+                lines.append(f'reqapi_request_duration_seconds_bucket{{verb="{verb}",le="{bound}"}} {cumulative}')
+            cumulative += buckets[len(self.BUCKETS)]
+            lines.append(f'reqapi_request_duration_seconds_bucket{{verb="{verb}",le="+Inf"}} {cumulative}')
+            lines.append(f'reqapi_request_duration_seconds_sum{{verb="{verb}"}} {buckets[-1]:.6f}')
+            lines.append(f'reqapi_request_duration_seconds_count{{verb="{verb}"}} {cumulative}')
+        names = ("requests_in_flight", "watches_open", "connections_open", "connections_rejected_total",
+                 "tls_handshake_failures_total")
+        helps = ("Requests being answered now.", "Watches open now.", "TLS connections open now.",
+                 "Connections closed at once because --max-connections was reached.",
+                 "Connections whose TLS handshake failed or timed out.")
+        for name, help_text, value in zip(names, helps, gauges):
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP reqapi_{name} {help_text}", f"# TYPE reqapi_{name} {kind}", f"reqapi_{name} {value}"]
+        lines += ["# HELP reqapi_reloads_total Reloads of rules, certificates and CAs, by result.",
+                  "# TYPE reqapi_reloads_total counter"]
+        for (what, result), value in sorted(reloads.items()):
+            lines.append(f'reqapi_reloads_total{{what="{what}",result="{result}"}} {value}')
+        lines += ["# HELP reqapi_rules_last_reload_refused 1 if the newest rules file was refused.",
+                  "# TYPE reqapi_rules_last_reload_refused gauge",
+                  f"reqapi_rules_last_reload_refused {1 if app.rules_refused else 0}",
+                  "# HELP reqapi_serving_certificate_expiry_timestamp_seconds notAfter of the serving certificate.",
+                  "# TYPE reqapi_serving_certificate_expiry_timestamp_seconds gauge",
+                  f"reqapi_serving_certificate_expiry_timestamp_seconds {self.certificate_expiry:.0f}",
+                  "# HELP process_start_time_seconds Start time of the process since the Unix epoch.",
+                  "# TYPE process_start_time_seconds gauge",
+                  f"process_start_time_seconds {self.started:.3f}"]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The HTTP handler (thin: parse, route, call, write)
+# ---------------------------------------------------------------------------
+
+MAX_REQUEST_LINE = 8192
+MAX_HEAD_BYTES = 65536
+MAX_HEADERS = 100
+REASONS = {code: phrase for code, (phrase, _) in http.server.BaseHTTPRequestHandler.responses.items()}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class BadRequest(Exception):
+    """A request that cannot be parsed: answered with a Status and the connection closed."""
+
+    def __init__(self, code: int, reason: str, message: str):
+        super().__init__(message)
+        self.error = HTTPError(code, reason, message)
+
+
+def parse_head(head: bytes, remote: str) -> Request:
+    """Parse a request head (without the final blank line) — a small bytes parser instead of
+    http.client's email-based one, which dominated the profile (perf-anchors.md lesson 3)."""
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise BadRequest(414, "RequestURITooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+    parts = request_line.split(" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "BadRequest", f"malformed request line {request_line[:100]!r}: expected "
+                         f"'METHOD /path HTTP/1.1'")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/"):
+            raise BadRequest(505, "HTTPVersionNotSupported", f"{version[:20]} is not supported; reqapi speaks "
+                             f"HTTP/1.1 (negotiated with ALPN)")
+        raise BadRequest(400, "BadRequest", f"malformed request line {request_line[:100]!r}")
+    if not _TOKEN.fullmatch(method):
+        raise BadRequest(400, "BadRequest", f"malformed method {method[:20]!r}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise BadRequest(431, "RequestHeaderFieldsTooLarge", f"more than {MAX_HEADERS} header fields")
+    headers: dict = {}
+    items: list = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadRequest(400, "BadRequest", f"malformed header line {line[:100]!r}")
+        name = name.lower()
+        value = value.strip(" \t")
+        items.append((name, value))
+        if name in headers:
+            if name in ("content-length", "host", "transfer-encoding"):
+                raise BadRequest(400, "BadRequest", f"duplicate {name} header")
+            headers[name] += ", " + value
+        else:
+            headers[name] = value
+    if not target.startswith("/") or not target.isascii():
+        if target.startswith(("http://", "https://")) and target.isascii():
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        else:
+            raise BadRequest(400, "BadRequest", f"the request target must be an ASCII path starting with '/', "
+                             f"not {target[:100]!r}")
+    path, _, query_text = target.partition("?")
+    path = path.partition("#")[0]
+    segments = path.split("/")[1:]
+    if segments and segments[-1] == "":
+        segments.pop()
+    if "%" in path:
+        try:
+            segments = [urllib.parse.unquote(s, errors="strict") if "%" in s else s for s in segments]
+        except UnicodeDecodeError:
+            raise BadRequest(400, "BadRequest", "a path segment is not valid UTF-8 after percent-decoding; "
+                             "names are DNS-1123 (lower-case ASCII)") from None
+    query = urllib.parse.parse_qs(query_text, keep_blank_values=True) if query_text else {}
+    return Request(method, path, segments, query, headers, items, remote,
+                   audit_id=headers.get("audit-id", "")[:64], version=version)
+
+
+def verb_of(request: Request, route_kind: str) -> tuple:
+    """(verb, resource) for metrics and logs, as apiserver_request_total names them."""
+    if request.params.get("name") is not None and route_kind == "resource":
+        return ("WATCH" if request.arg("watch") in ("true", "1") else request.method, RESOURCE)
+    if route_kind == "resource":
+        watching = request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]
+        return ("WATCH" if watching else "LIST", RESOURCE)
+    return (request.method, "")
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """One TLS connection: handshake in this connection's own thread, then HTTP/1.1 requests
+    with keep-alive and pipelining until the client closes, a timeout passes, or the server drains.
+
+    It keeps http.server's structure (setup, handle, finish) but reads with a small bytes parser
+    and writes each response with one sendall, TCP_NODELAY set (perf-anchors.md lessons 1–3)."""
+
+    protocol_version = "HTTP/1.1"
+    server: "ReqapiServer"
+
+    def setup(self) -> None:
+        self.raw = self.request
+        self.tls: Optional[ssl.SSLSocket] = None
+        self.peer: Optional[PeerCertificate] = None
+        self.remote = f"{self.client_address[0]}:{self.client_address[1]}"
+        self.idle = True
+        self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self) -> None:
+        server, app = self.server, self.server.app
+        self.tls = server.handshake(self.raw, self.remote)
+        if self.tls is None:
+            return
+        try:
+            self.peer = peer_certificate(self.tls)
+        except (ValueError, ssl.SSLError, AttributeError, IndexError):
+            self.peer = None
+        server.track(self, True)
+        buffer = b""
+        try:
+            while not app.draining:
+                head, buffer = self.read_head(buffer)
+                if head is None:
+                    return
+                if not self.answer(head, buffer):
+                    return
+                buffer = self.leftover
+        except BadRequest as error:
+            self.write_response(error.error.response(), close=True, method="GET")
+            self.log_failure(error.error.code)
+        except (OSError, ssl.SSLError, ValueError):
+            return              # timeouts, resets, TLS errors: the connection is gone
+
+    def finish(self) -> None:
+        self.server.track(self, False)
+        for sock in (self.tls, self.raw):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def read_head(self, buffer: bytes) -> tuple:
+        """The next request head, within the idle and read-header timeouts and the size limits."""
+        config = self.server.app.config
+        deadline = time.monotonic() + config.read_header_timeout if buffer else None
+        sock = self.tls
+        while True:
+            while buffer.startswith(b"\r\n"):    # tolerated between pipelined requests (RFC 9112 §2.2)
+                buffer = buffer[2:]
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                return buffer[:end], buffer[end + 4:]
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise BadRequest(431, "RequestHeaderFieldsTooLarge",
+                                 f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+            if b"\r\n" not in buffer[:MAX_REQUEST_LINE + 2] and len(buffer) > MAX_REQUEST_LINE:
+                raise BadRequest(414, "RequestURITooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+            if deadline is None:
+                self.idle = True
+                if self.server.app.draining:
+                    return None, b""
+                sock.settimeout(config.idle_timeout)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BadRequest(408, "Timeout", f"the request head did not arrive within "
+                                     f"{config.read_header_timeout:g}s")
+                sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                if deadline is None:
+                    return None, b""        # idle keep-alive connection: close quietly
+                continue                    # loop once more to answer 408
+            if not chunk:
+                return None, b""
+            if deadline is None:
+                self.idle = False
+                deadline = time.monotonic() + config.read_header_timeout
+            buffer += chunk
+
+    def answer(self, head: bytes, rest: bytes) -> bool:
+        """Parse, dispatch and write one request.  False when the connection must close."""
+        app = self.server.app
+        started = time.perf_counter()
+        self.idle = False
+        request = parse_head(head, self.remote)
+        self.leftover = rest
+        connection = request.headers.get("connection", "").lower()
+        close = connection == "close" or (request.version == "HTTP/1.0" and connection != "keep-alive")
+        has_body = request.headers.get("content-length", "0") not in ("0", "") or "transfer-encoding" in request.headers
+        route_kind = ""
+        app.metrics.count("in_flight")
+        try:
+            if has_body:
+                # reqapi takes no bodies; closing is the only safe way to skip one we will not read.
+                close = True
+                length = request.headers.get("content-length", "0")
+                if not length.isdigit() and "transfer-encoding" not in request.headers:
+                    raise HTTPError(400, "BadRequest", f"invalid Content-Length {length[:20]!r}")
+                if request.method in ("GET", "HEAD"):
+                    raise HTTPError(400, "BadRequest", f"{request.method} requests must not have a body; "
+                                    f"reqapi's API is read-only and takes no request bodies")
+                raise HTTPError(405, "MethodNotAllowed", "the server does not allow this method on the "
+                                "requested resource: reqapi is read-only and takes no request bodies", {},
+                                (("Allow", "GET, HEAD"),))
+            found = match_route(self.server.routes, request.segments)
+            route_kind = found[0].kind if found else ""
+            result = dispatch(app, self.server.routes, request, self.peer)
+        except HTTPError as error:
+            result = error.response()
+        except Exception as error:      # a bug: answer 500 without a traceback, log it with one
+            app.log.log("error", "internal error", path=request.path, error=repr(error),
+                        traceback=_traceback_text())
+            result = HTTPError(500, "InternalError", f"Internal error occurred: {type(error).__name__}: "
+                               "see reqapi's log for the details",
+                               {"causes": [{"message": type(error).__name__}]}).response()
+        finally:
+            app.metrics.count("in_flight", -1)
+        if app.draining:
+            close = True
+        if isinstance(result, WatchStream):
+            ok = self.stream(result, request)
+            code, close = 200, close or not ok
+        else:
+            self.write_response(result, close, request.method, request.audit_id)
+            code = result.code
+        seconds = time.perf_counter() - started
+        verb, resource = verb_of(request, route_kind)
+        app.metrics.observe(verb, resource, code, seconds)
+        app.log.request(request.method, request.path, code, seconds, request.identity, self.remote,
+                        request.audit_id)
+        return not close
+
+    def write_response(self, response: Response, close: bool, method: str, audit_id: str = "") -> None:
+        body = b"" if method == "HEAD" or response.code == 304 else response.body
+        lines = [f"HTTP/1.1 {response.code} {REASONS.get(response.code, 'Unknown')}",
+                 f"Date: {self.server.http_date()}", f"Content-Type: {response.content_type}"]
+        if response.code != 304:
+            lines.append(f"Content-Length: {len(response.body)}")
+        for name, value in response.headers:
+            lines.append(f"{name}: {value}")
+        if audit_id:
+            lines.append(f"Audit-Id: {audit_id}")
+        if close:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.tls.settimeout(self.server.app.config.write_timeout)
+        self.tls.sendall(head + body)      # one write: no Nagle / delayed-ACK stall
+
+    def stream(self, watch: WatchStream, request: Request) -> bool:
+        """Write a watch as chunked newline-delimited JSON.  False if the client went away."""
+        app = self.server.app
+        head = (f"HTTP/1.1 200 OK\r\nDate: {self.server.http_date()}\r\nContent-Type: {watch.content_type}\r\n"
+                f"Cache-Control: no-cache, private\r\nTransfer-Encoding: chunked\r\n"
+                + (f"Audit-Id: {request.audit_id}\r\n" if request.audit_id else "") + "\r\n").encode("latin-1")
+        app.metrics.count("watches")
+        try:
+            self.tls.settimeout(app.config.write_timeout)
+            self.tls.sendall(head)
+            if request.method == "HEAD":
+                self.tls.sendall(b"0\r\n\r\n")
+                return True
+            for event in watch.events:
+                line = event + b"\n"
+                self.tls.sendall(b"%x\r\n%s\r\n" % (len(line), line))
+            self.tls.sendall(b"0\r\n\r\n")
+            return True
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            app.metrics.count("watches", -1)
+            close = getattr(watch.events, "close", None)
+            if close:
+                close()
+
+    def log_failure(self, code: int) -> None:
+        self.server.app.metrics.observe("UNKNOWN", "", code, 0.0)
+        self.server.app.log.log("info", "bad request", status=code, remote=self.remote)
+
+
+def _traceback_text() -> str:
+    import traceback
+    return traceback.format_exc()
+
+
+# ---------------------------------------------------------------------------
+# The server lifecycle: TLS, connections, reloads, signals, shutdown
+# ---------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """Configuration that must not be served: the message names the file, the place and the fix."""
+
+
+def certificate_summary(cert_file: str) -> dict:
+    """SANs, subject and expiry of a PEM certificate file (for start-up lines and metrics)."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert_file)   # type: ignore[attr-defined]
+    except (AttributeError, ssl.SSLError, OSError, ValueError):
+        return {"sans": [], "not_after": 0.0, "subject": ""}
+    sans = [f"{kind}:{value}" for kind, value in decoded.get("subjectAltName", ())]
+    names = _subject_values(decoded.get("subject", ()), "commonName")
+    try:
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (KeyError, ValueError):
+        not_after = 0.0
+    return {"sans": sans, "not_after": float(not_after), "subject": names[0] if names else ""}
+
+
+def build_tls_context(cert_file: str, key_file: str, auth: AuthConfig) -> ssl.SSLContext:
+    """A server context: TLS 1.2+, AEAD ciphers, ALPN http/1.1, client certificates asked for
+    (never required: kubelet probes have none) when a CA is configured."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error.filename}: no such file; pass --cert and --key of a PEM certificate and its "
+                          f"private key (./gen_certs.sh makes them)") from None
+    except PermissionError as error:
+        raise ConfigError(f"{error.filename}: permission denied; the files must be readable by "
+                          f"uid {os.getuid()}") from None
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigError(f"--cert {cert_file} / --key {key_file}: cannot be used together ({error}); the key must "
+                          f"be the private key of the certificate, both PEM (./gen_certs.sh makes a matching "
+                          f"pair)") from None
+    bundle = (auth.requestheader_ca + "\n" + auth.client_ca).strip()
+    if bundle:
+        try:
+            context.load_verify_locations(cadata=bundle)
+        except ssl.SSLError as error:
+            raise ConfigError(f"{auth.source}: the CA bundle cannot be loaded ({error}); it must hold PEM "
+                              f"certificates") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def file_signature(path: str) -> Optional[tuple]:
+    """What changes when a file is replaced — also through a ConfigMap/Secret volume's symlink swap."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def read_ca_file(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            pem = handle.read()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: {error.strerror}; give a readable PEM CA bundle") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not a PEM file (binary content); give a PEM CA bundle") from None
+    try:
+        if not pem_certificates(pem):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{flag} {path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the "
+                          f"CA bundle, e.g. /etc/kubernetes/pki/front-proxy-ca.crt") from None
+    return pem
+
+
+def auth_config_from_flags(args: argparse.Namespace) -> AuthConfig:
+    requestheader_ca = client_ca = ""
+    if args.requestheader_client_ca_file:
+        requestheader_ca = read_ca_file(args.requestheader_client_ca_file, "--requestheader-client-ca-file")
+    if args.client_ca_file:
+        client_ca = read_ca_file(args.client_ca_file, "--client-ca-file")
+
+    def names(text: str) -> tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    return AuthConfig(source="flags", requestheader_ca=requestheader_ca,
+                      allowed_names=names(args.requestheader_allowed_names),
+                      username_headers=tuple(h.lower() for h in names(args.requestheader_username_headers)),
+                      group_headers=tuple(h.lower() for h in names(args.requestheader_group_headers)),
+                      extra_prefixes=tuple(h.lower() for h in names(args.requestheader_extra_headers_prefix)),
+                      client_ca=client_ca)
+
+
+def service_account_name(token_file: str) -> str:
+    """NS:NAME of the pod's ServiceAccount, read from its token's claims (no verification needed:
+    it only fills in the hint printed when RBAC is missing)."""
+    try:
+        with open(token_file, encoding="utf-8") as handle:
+            payload = handle.read().strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        parts = claims.get("sub", "").split(":")
+        if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+            return f"{parts[2]}:{parts[3]}"
+    except (OSError, IndexError, ValueError, binascii.Error, UnicodeError, AttributeError):
+        pass
+    return "YOUR_NS:YOUR_SA"
+
+
+class ReqapiServer(http.server.ThreadingHTTPServer):
+    """The one server object: a listening socket, a thread per connection, the current TLS
+    context (swapped on rotation; each connection takes the one current at its handshake),
+    and the Application state."""
+
+    daemon_threads = True
+    block_on_close = False           # shutdown drains connections itself, with a deadline
+    allow_reuse_address = True
+
+    def __init__(self, app: Application, address: tuple, tls_context: ssl.SSLContext):
+        self.app = app
+        self.tls_context = tls_context
+        self.routes = route_index(ROUTES)
+        self.max_connections = app.config.max_connections
+        self.request_queue_size = max(128, self.max_connections)   # a backlog that matches the cap
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.lock = threading.Condition()
+        self.accepted = 0            # sockets accepted and not yet closed (handshaking included)
+        self.connections: set = set()
+        self._date_second = -1
+        self._date = ""
+        super().__init__(address, RequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would resolve the host name (getfqdn): slow, and not needed.
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self.lock:
+            full = self.accepted >= self.max_connections
+            if not full:
+                self.accepted += 1
+        if full:
+            # Over the cap: close at once rather than grow threads (and memory) without bound.
+            self.app.metrics.count("connections_rejected")
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        try:
+            request.close()
+        except OSError:
+            pass
+        with self.lock:
+            self.accepted -= 1
+            self.lock.notify_all()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.app.log.log("error", "connection handler failed", remote=str(client_address),
+                         traceback=_traceback_text())
+
+    def handshake(self, raw: socket.socket, remote: str) -> Optional[ssl.SSLSocket]:
+        """The TLS handshake, in the connection's own thread and within --tls-handshake-timeout."""
+        app = self.app
+        timeout = app.config.tls_handshake_timeout
+        deadline = time.monotonic() + timeout
+        raw.settimeout(timeout)
+        try:
+            first = raw.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None
+            if first != b"\x16":
+                app.metrics.count("handshake_failures")
+                if first.isalpha():
+                    # Like Go's net/http: tell a plain-HTTP client what went wrong instead of a reset.
+                    raw.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                app.log.log("debug", "not a TLS client", remote=remote)
+                return None
+            tls = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls.settimeout(max(0.001, deadline - time.monotonic()))
+            tls.do_handshake()
+            return tls
+        except (ssl.SSLError, OSError) as error:
+            app.metrics.count("handshake_failures")
+            text = str(error)
+            if "certificate verify failed" in text or "unknown ca" in text or "CERTIFICATE_VERIFY" in text:
+                app.log.log("warning", "TLS handshake failed: the client's certificate is not signed by a CA "
+                            "reqapi trusts (requestheader or client CA); if this is kube-apiserver, reqapi has "
+                            "the wrong --requestheader-client-ca-file", remote=remote, error=text)
+            else:
+                app.log.log("debug", "TLS handshake failed", remote=remote, error=text)
+            return None
+
+    def track(self, handler: RequestHandler, opened: bool) -> None:
+        with self.lock:
+            if opened:
+                self.connections.add(handler)
+            elif handler in self.connections:
+                self.connections.discard(handler)
+            self.app.metrics.connections = len(self.connections)
+            self.lock.notify_all()
+
+    def close_idle_connections(self) -> int:
+        """Wake connections waiting for a next request so that they close (used when draining)."""
+        closed = 0
+        with self.lock:
+            handlers = list(self.connections)
+        for handler in handlers:
+            if handler.idle and handler.tls is not None:
+                try:
+                    # shutdown() on a duplicate descriptor wakes the blocked recv without touching
+                    # the SSL object another thread is using.
+                    duplicate = socket.socket(fileno=os.dup(handler.tls.fileno()))
+                    try:
+                        duplicate.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        duplicate.close()
+                    closed += 1
+                except OSError:
+                    pass
+        return closed
+
+    def wait_until_drained(self, timeout: float) -> bool:
+        with self.lock:
+            return self.lock.wait_for(lambda: self.accepted <= 0, timeout)
+
+    def http_date(self) -> str:
+        second = int(time.time())
+        if second != self._date_second:
+            self._date, self._date_second = email.utils.formatdate(second, usegmt=True), second
+        return self._date
+
+
+class Reloader:
+    """Re-reads the rules, the serving certificate and the CA files when their content changes
+    (polled every --reload-interval seconds, or at once on SIGHUP), and the in-cluster
+    authentication ConfigMap every --authentication-refresh seconds.  A bad new file is refused
+    and the last good one keeps serving."""
+
+    def __init__(self, server: ReqapiServer, args: argparse.Namespace, kube: Optional[KubeClient]):
+        self.server = server
+        self.app = server.app
+        self.args = args
+        self.kube = kube
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.signatures: dict = {}
+        self.next_auth_refresh = 0.0
+        self.tls_files = (args.cert, args.key)
+
+    def start(self) -> None:
+        for path in self.watched_files():
+            self.signatures[path] = file_signature(path)
+        threading.Thread(target=self.run, name="reloader", daemon=True).start()
+
+    def watched_files(self) -> list:
+        files = [self.args.rules] if self.args.rules else []
+        files += [self.args.cert, self.args.key]
+        files += [f for f in (self.args.requestheader_client_ca_file, self.args.client_ca_file) if f]
+        return files
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            forced = self.wake.is_set()
+            self.wake.clear()
+            try:
+                self.check(forced)
+            except Exception:          # never let the reloader die: log and try again next time
+                self.app.log.log("error", "reload failed", traceback=_traceback_text())
+            self.wake.wait(self.args.reload_interval)
+
+    def changed(self, path: str, forced: bool) -> bool:
+        signature = file_signature(path)
+        if forced or signature != self.signatures.get(path):
+            self.signatures[path] = signature
+            return True
+        return False
+
+    def check(self, forced: bool = False) -> None:
+        if self.args.rules and self.changed(self.args.rules, forced):
+            self.reload_rules()
+        tls_changed = any([self.changed(path, forced) for path in self.watched_files()
+                           if path != self.args.rules])
+        auth_changed = False
+        if self.kube is not None and (forced or time.monotonic() >= self.next_auth_refresh):
+            auth_changed = self.refresh_in_cluster_auth()
+        elif tls_changed and self.app.auth.source == "flags":
+            try:
+                self.app.set_auth(auth_config_from_flags(self.args))
+                auth_changed = True
+            except ConfigError as error:
+                self.refuse_tls(str(error))
+                return
+        if tls_changed or auth_changed:
+            self.reload_tls()
+
+    def reload_rules(self) -> None:
+        app, path = self.app, self.args.rules
+        try:
+            rules = load_rules(path)
+        except RulesError as error:
+            app.rules_refused = str(error)
+            app.metrics.reloaded("rules", "refused")
+            app.log.log("error", "rules refused; the last good rules keep serving", error=str(error),
+                        resourceVersion=app.generation.resource_version)
+            return
+        if app.install_rules(rules):
+            app.metrics.reloaded("rules", "success")
+            app.log.log("info", "rules reloaded", file=path, rules=len(rules.rules),
+                        resourceVersion=app.generation.resource_version)
+
+    def reload_tls(self) -> None:
+        app = self.app
+        try:
+            context = build_tls_context(self.args.cert, self.args.key, app.auth)
+        except ConfigError as error:
+            self.refuse_tls(str(error))
+            return
+        self.server.tls_context = context
+        app.tls_refused = None
+        summary = certificate_summary(self.args.cert)
+        app.metrics.certificate_expiry = summary["not_after"]
+        app.metrics.reloaded("tls", "success")
+        app.log.log("info", "TLS configuration reloaded: new handshakes use it", sans=",".join(summary["sans"]),
+                    not_after=rfc3339(summary["not_after"]) if summary["not_after"] else "unknown",
+                    authentication=app.auth.source)
+
+    def refuse_tls(self, message: str) -> None:
+        self.app.tls_refused = message
+        self.app.metrics.reloaded("tls", "refused")
+        self.app.log.log("error", "TLS files refused; the previous certificate and CAs keep serving", error=message)
+
+    def refresh_in_cluster_auth(self) -> bool:
+        """Read kube-system/extension-apiserver-authentication.  True if the configuration changed."""
+        app = self.app
+        try:
+            answer = self.kube.call("GET", "/api/v1/namespaces/kube-system/configmaps/"
+                                    "extension-apiserver-authentication")
+            config = auth_config_from_configmap(answer.get("data") or {})
+        except (OSError, ValueError) as error:
+            self.next_auth_refresh = time.monotonic() + min(10.0, self.args.authentication_refresh)
+            problem = f"Unable to get configmap/extension-apiserver-authentication in kube-system ({describe_http_error(error)})."
+            if isinstance(error, urllib.error.HTTPError) and error.code in (401, 403):
+                problem += ("  Usually fixed by 'kubectl create rolebinding -n kube-system ROLEBINDING_NAME "
+                            "--role=extension-apiserver-authentication-reader --serviceaccount="
+                            f"{service_account_name(self.kube.token_file)}'")
+            if not app.auth.enabled:
+                app.auth_problem = problem
+                app.log.log("error", "not ready: no authentication configuration; identity headers are never "
+                            "trusted without it", problem=problem)
+            else:
+                app.log.log("warning", "could not refresh the authentication configuration; the last one keeps "
+                            "serving", problem=problem)
+            return False
+        self.next_auth_refresh = time.monotonic() + self.args.authentication_refresh
+        if config == app.auth:
+            return False
+        app.set_auth(config)
+        app.log.log("info", "authentication configuration loaded", source=config.source,
+                    allowed_names=",".join(config.allowed_names) or "(any)",
+                    username_headers=",".join(config.username_headers),
+                    client_ca=bool(config.client_ca))
+        return True
+
+
+def make_self_signed_certificate(log: Logger) -> tuple:
+    """A throwaway certificate for localhost/127.0.0.1, for a first try on a laptop."""
+    directory = tempfile.mkdtemp(prefix="reqapi-")
+    cert, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+               "-days", "365", "-subj", "/CN=localhost", "-keyout", key, "-out", cert,
+               "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+               "-addext", "basicConstraints=critical,CA:FALSE",
+               "-addext", "keyUsage=critical,digitalSignature", "-addext", "extendedKeyUsage=serverAuth"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+    except FileNotFoundError:
+        raise ConfigError("no --cert/--key given and the openssl command is not installed to make a throwaway "
+                          "certificate: make a CA and serving certificate with ./gen_certs.sh --local and pass "
+                          "--cert certs/apiservice.pem --key certs/apiservice-key.pem") from None
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        stderr = getattr(error, "stderr", b"") or b""
+        raise ConfigError(f"openssl could not make a throwaway certificate ({stderr.decode(errors='replace').strip()}); "
+                          f"use ./gen_certs.sh --local and pass --cert/--key") from None
+    return cert, key
+
+
+def install_signal_handlers(stop: threading.Event, app: Application, reloader_wake: threading.Event) -> None:
+    def terminate(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            app.log.log("warning", "second signal: exiting now", signal=signal.Signals(signum).name)
+            os._exit(1)
+        app.shutting_down = True           # /readyz fails from this moment
+        stop.set()
+
+    def reload(signum: int, frame: Any) -> None:
+        reloader_wake.set()
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
+
+
+def serve(args: argparse.Namespace, log: Logger, rules: Rules) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully.  Returns the exit code."""
+    app = Application(args, log)
+    app.install_rules(rules)
+    generated = False
+    if not args.cert and not args.key:
+        args.cert, args.key = make_self_signed_certificate(log)
+        generated = True
+    elif not (args.cert and args.key):
+        raise ConfigError("--cert and --key go together: give both (PEM certificate and its private key), or "
+                          "neither for a throwaway localhost certificate")
+    kube = None
+    sa_dir = args.service_account_dir
+    in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(os.path.join(sa_dir, "token"))
+    if in_pod:
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        host = f"[{host}]" if ":" in host else host
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        kube = KubeClient(f"https://{host}:{port}", os.path.join(sa_dir, "token"), os.path.join(sa_dir, "ca.crt"))
+    if args.requestheader_client_ca_file or args.client_ca_file:
+        app.set_auth(auth_config_from_flags(args))
+        kube_for_auth = None
+    elif in_pod:
+        app.auth_problem = "loading kube-system/extension-apiserver-authentication"
+        kube_for_auth = kube
+    else:
+        kube_for_auth = None
+    if args.authorization_mode == "Delegated":
+        if kube is None:
+            raise ConfigError("--authorization-mode=Delegated sends SubjectAccessReviews to kube-apiserver and so "
+                              "needs to run in a pod (KUBERNETES_SERVICE_HOST and a ServiceAccount token in "
+                              f"{sa_dir}); use --authorization-mode=AlwaysAllow outside a cluster")
+        app.authorizer = DelegatedAuthorizer(kube)
+    context = build_tls_context(args.cert, args.key, app.auth)
+    try:
+        server = ReqapiServer(app, (args.bind_address, args.port), context)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {args.bind_address}:{args.port}: {error.strerror}; choose another "
+                          f"--port or --bind-address") from None
+    reloader = Reloader(server, args, kube_for_auth)
+    if kube_for_auth is not None:
+        reloader.refresh_in_cluster_auth()
+        if app.auth.enabled:
+            server.tls_context = build_tls_context(args.cert, args.key, app.auth)
+    summary = certificate_summary(args.cert)
+    app.metrics.certificate_expiry = summary["not_after"]
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.log("info", f"reqapi {__version__} serving {GROUP_VERSION} on https://{shown}:{port}",
+            python=sys.version.split()[0], max_connections=args.max_connections)
+    log.log("info", "serving certificate", file=args.cert, sans=",".join(summary["sans"]) or "(none)",
+            not_after=rfc3339(summary["not_after"]) if summary["not_after"] else "unknown")
+    if summary["not_after"] and summary["not_after"] - time.time() < 30 * 86400:
+        log.log("warning", "the serving certificate expires within 30 days", not_after=rfc3339(summary["not_after"]))
+    log.log("info", "rules", source=rules.source, rules=len(rules.rules), named_workloads=len(app.generation.named),
+            resourceVersion=app.generation.resource_version)
+    if generated:
+        local = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1", "::1") else shown
+        log.log("info", f"no --cert/--key: made a throwaway self-signed certificate for localhost in "
+                f"{os.path.dirname(args.cert)}; try: curl --cacert {args.cert} "
+                f"https://{local}:{port}/apis/{GROUP_VERSION}/namespaces/default/requests/web")
+    if app.auth.enabled:
+        log.log("info", "authentication on", source=app.auth.source,
+                allowed_names=",".join(app.auth.allowed_names) or "(any CN from the requestheader CA)",
+                client_ca=bool(app.auth.client_ca))
+    elif app.auth_problem is None:
+        log.log("warning", "authentication is off: every caller is served and identity headers are ignored. "
+                "In a cluster reqapi reads kube-system/extension-apiserver-authentication by itself; elsewhere "
+                "set --requestheader-client-ca-file and/or --client-ca-file")
+    stop = threading.Event()
+    install_signal_handlers(stop, app, reloader.wake)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="acceptor",
+                     daemon=True).start()
+    reloader.start()
+    while not stop.wait(3600):
+        pass
+    # Shutdown: /readyz already fails; keep serving while endpoints are removed, then drain.
+    log.log("info", "shutting down: /readyz now fails; still serving", delay=f"{args.shutdown_delay:g}s")
+    if args.shutdown_delay > 0:
+        threading.Event().wait(args.shutdown_delay)
+    server.shutdown()                   # stop accepting
+    server.socket.close()
+    with app.changed:
+        app.draining = True             # watches end, keep-alive responses say Connection: close
+        app.changed.notify_all()
+    reloader.stop.set()
+    reloader.wake.set()
+    server.close_idle_connections()
+    deadline = time.monotonic() + args.shutdown_timeout
+    drained = False
+    while time.monotonic() < deadline:
+        if server.wait_until_drained(min(0.5, max(0.0, deadline - time.monotonic()))):
+            drained = True
+            break
+        server.close_idle_connections()
+    log.log("info", "stopped" if drained else "stopped with connections still open after --shutdown-timeout",
+            open_connections=server.accepted)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def duration(text: str) -> float:
+    """Seconds from "10s", "500ms", "2m", "1h" or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 10s, 500ms, 2m)")
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    parser = argparse.ArgumentParser(
+        prog="reqapi.py",
+        description=f"reqapi {__version__}: a Kubernetes aggregated API server ({GROUP_VERSION}, resource "
+                    f"'{RESOURCE}') that predicts the CPU and memory requests of workload NAME in namespace NS.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Durations accept 500ms, 10s, 2m or plain seconds.  Send SIGHUP to re-read the rules and "
+               "certificates at once; SIGTERM shuts down gracefully (a second one exits at once).")
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--cert", metavar="FILE", help="PEM serving certificate (chain). Its SANs must include "
+                         "<service>.<namespace>.svc for kube-apiserver. Without --cert/--key a throwaway "
+                         "self-signed certificate for localhost is made (needs openssl). Re-read on change.")
+    serving.add_argument("--key", metavar="FILE", help="PEM private key of --cert. Re-read on change.")
+    serving.add_argument("--port", type=int, default=8443, help="TCP port to listen on")
+    serving.add_argument("--bind-address", default="0.0.0.0", help="address to listen on ('::' for IPv6)")
+    serving.add_argument("--max-connections", type=positive_int, default=1024,
+                         help="open connections (a thread each) beyond which new ones are closed at once; the "
+                              "default fits the 100Mi memory limit of k8s/")
+    rules = parser.add_argument_group("rules")
+    rules.add_argument("--rules", metavar="FILE", help="JSON rules file (see README). Re-read when its content "
+                       "changes; a bad new file is refused and the last good rules keep serving. Without it "
+                       "every workload gets 100m CPU / 100Mi memory.")
+    rules.add_argument("--check", action="store_true", help="validate --rules and exit: 0 if good, 2 if not")
+    rules.add_argument("--predict", metavar="NS/NAME", help="print the object the server would serve for "
+                       "workload NAME in namespace NS, and exit")
+    rules.add_argument("--reload-interval", type=duration, default=2.0,
+                       help="how often to look for changed rules, certificate and CA files")
+    auth = parser.add_argument_group("authentication and authorization (who may call reqapi)")
+    auth.add_argument("--requestheader-client-ca-file", metavar="FILE", help="CA of kube-apiserver's "
+                      "front-proxy client certificate (--proxy-client-cert-file). Requests with a certificate "
+                      "from it are authenticated as the user in the username header. In a pod, read from "
+                      "kube-system/extension-apiserver-authentication when no CA flag is given.")
+    auth.add_argument("--requestheader-allowed-names", default="", metavar="CN,CN",
+                      help="common names allowed for the front-proxy certificate; empty = any from the CA")
+    auth.add_argument("--requestheader-username-headers", default="X-Remote-User", metavar="H,H",
+                      help="headers that name the user (first non-empty wins)")
+    auth.add_argument("--requestheader-group-headers", default="X-Remote-Group", metavar="H,H",
+                      help="headers that name the user's groups (every line counts)")
+    auth.add_argument("--requestheader-extra-headers-prefix", default="X-Remote-Extra-", metavar="P,P",
+                      help="header prefixes of extra user attributes")
+    auth.add_argument("--client-ca-file", metavar="FILE", help="CA of client certificates for direct callers: "
+                      "user = CN, groups = O (as kube-apiserver treats client certificates)")
+    auth.add_argument("--authorization-mode", choices=("AlwaysAllow", "Delegated"), default="AlwaysAllow",
+                      help="AlwaysAllow: trust kube-apiserver's RBAC check; Delegated: also ask kube-apiserver "
+                           "with a SubjectAccessReview per request (cached 10s)")
+    auth.add_argument("--authentication-refresh", type=duration, default=300.0,
+                      help="in a pod: how often to re-read kube-system/extension-apiserver-authentication")
+    auth.add_argument("--service-account-dir", default="/var/run/secrets/kubernetes.io/serviceaccount",
+                      help="where the pod's ServiceAccount token and ca.crt are (change only for testing)")
+    lifecycle = parser.add_argument_group("connections and shutdown")
+    lifecycle.add_argument("--shutdown-delay", type=duration, default=10.0 if in_pod else 0.0,
+                           help="after SIGTERM, keep serving this long with /readyz failing, so endpoints are "
+                                "removed before the listener closes (default 10s in a pod, 0 elsewhere)")
+    lifecycle.add_argument("--shutdown-timeout", type=duration, default=15.0,
+                           help="then wait this long for in-flight requests and watches to end")
+    lifecycle.add_argument("--tls-handshake-timeout", type=duration, default=10.0,
+                           help="time a new connection has to complete its TLS handshake")
+    lifecycle.add_argument("--read-header-timeout", type=duration, default=30.0,
+                           help="time a request head has to arrive once its first byte has")
+    lifecycle.add_argument("--idle-timeout", type=duration, default=90.0,
+                           help="keep-alive connections idle this long are closed")
+    lifecycle.add_argument("--write-timeout", type=duration, default=30.0,
+                           help="time a client has to take each write of a response")
+    lifecycle.add_argument("--watch-timeout", type=duration, default=300.0,
+                           help="a watch without ?timeoutSeconds= ends after this long")
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log-format", choices=("text", "json"), default="text",
+                               help="one line per request and event, as text or JSON")
+    logging_group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                               help="'warning' drops the per-request lines")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = Logger(args.log_format, args.log_level)
+    rules = DEFAULT_RULES
+    try:
+        if args.rules:
+            rules = load_rules(args.rules)
+        elif args.check:
+            raise ConfigError("--check validates a rules file: give it with --rules FILE")
+        if args.check:
+            print(f"{args.rules}: OK: {len(rules.rules)} rules, {len(named_workloads(rules))} named workloads, "
+                  f"resourceVersion {resource_version_of(rules.digest)}")
+            return 0
+        if args.predict:
+            namespace, slash, name = args.predict.partition("/")
+            problem = (None if slash else "expected NS/NAME, e.g. --predict shop/checkout") or \
+                namespace_problem(namespace) or name_problem(name)
+            if problem:
+                raise ConfigError(f"--predict {args.predict}: {problem}")
+            obj = requests_object(namespace, name, predict(rules, namespace, name),
+                                  resource_version_of(rules.digest), int(time.time()))
+            print(json.dumps(obj, indent=2))
+            return 0
+        return serve(args, log, rules)
+    except (RulesError, ConfigError) as error:
+        log.log("error", str(error)) if not (args.check or args.predict) else None
+        if args.check or args.predict:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
