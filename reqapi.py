@@ -1979,7 +1979,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         server.track(self, True)
         buffer = b""
         try:
-            while not app.draining:
+            while True:
                 head, buffer = self.read_head(buffer)
                 if head is None:
                     return
@@ -2003,8 +2003,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def read_head(self, buffer: bytes) -> tuple:
         """The next request head, within the idle and read-header timeouts and the size limits."""
-        config = self.server.app.config
+        app = self.server.app
+        config = app.config
         deadline = time.monotonic() + config.read_header_timeout if buffer else None
+        idle_since = time.monotonic()
+        last_call = False
         sock = self.tls
         while True:
             while buffer.startswith(b"\r\n"):    # tolerated between pipelined requests (RFC 9112 §2.2)
@@ -2018,10 +2021,18 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if b"\r\n" not in buffer[:MAX_REQUEST_LINE + 2] and len(buffer) > MAX_REQUEST_LINE:
                 raise BadRequest(414, "RequestURITooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
             if deadline is None:
+                # Idle between requests: wait in slices of at most a second, so that a draining
+                # server closes idle connections promptly without cutting off a request that has
+                # already arrived.
                 self.idle = True
-                if self.server.app.draining:
+                idle_left = config.idle_timeout - (time.monotonic() - idle_since)
+                if idle_left <= 0 or last_call:
                     return None, b""
-                sock.settimeout(config.idle_timeout)
+                if app.draining:
+                    last_call = True        # one short wait for a request already on its way
+                    sock.settimeout(min(idle_left, 0.5))
+                else:
+                    sock.settimeout(min(idle_left, 1.0))
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -2031,9 +2042,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             try:
                 chunk = sock.recv(65536)
             except socket.timeout:
-                if deadline is None:
-                    return None, b""        # idle keep-alive connection: close quietly
-                continue                    # loop once more to answer 408
+                continue                    # idle: check draining and the idle timeout; else answer 408
             if not chunk:
                 return None, b""
             if deadline is None:
@@ -2643,13 +2652,10 @@ def serve(args: argparse.Namespace, log: Logger, rules: Rules) -> int:
         app.changed.notify_all()
     reloader.stop.set()
     reloader.wake.set()
-    server.close_idle_connections()
-    deadline = time.monotonic() + args.shutdown_timeout
-    drained = False
-    while time.monotonic() < deadline:
-        if server.wait_until_drained(min(0.5, max(0.0, deadline - time.monotonic()))):
-            drained = True
-            break
+    # Idle keep-alive connections notice the drain within a second and close themselves (after one
+    # short last wait for a request already on its way); busy ones answer with Connection: close.
+    drained = server.wait_until_drained(args.shutdown_timeout)
+    if not drained:
         server.close_idle_connections()
     log.log("info", "stopped" if drained else "stopped with connections still open after --shutdown-timeout",
             open_connections=server.accepted)

@@ -1,0 +1,356 @@
+"""Request identity: front-proxy and client certificates, in-cluster configuration, delegated authorization.
+
+CAs (trustme): the serving CA (conftest `certs`), a front-proxy CA whose client certificate has
+CN front-proxy-client (as kubeadm's), a client CA for direct callers, and an unknown CA.
+The in-cluster tests use tests/fake_apiserver.py, a test double of kube-apiserver (no
+kube-apiserver can run here); it follows aggregator-contract.md §5.2, §6 and §7.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+import reqapi
+from conftest import GV, Kubectl, client_ca, client_cert, wait_until
+from fake_apiserver import FakeKubeAPIServer, write_service_account_dir
+
+OBJECT = f"{GV}/namespaces/default/requests/web"
+
+
+@pytest.fixture()
+def pki(tmp_path):
+    """CAs and client certificates for one test."""
+    directory = tmp_path / "pki"
+    front_proxy, front_proxy_file = client_ca(directory, "front-proxy")
+    clients, clients_file = client_ca(directory, "clients")
+    unknown, _ = client_ca(directory, "unknown")
+
+    class PKI:
+        front_proxy_ca_file = front_proxy_file
+        client_ca_file = clients_file
+        front_proxy_ca = front_proxy
+        proxy = client_cert(front_proxy, directory, "front-proxy-client")
+        proxy_wrong_name = client_cert(front_proxy, directory, "someone-else")
+        bob = client_cert(clients, directory, "bob", ("devs",))
+        stranger = client_cert(unknown, directory, "mallory")
+    return PKI
+
+
+@pytest.fixture()
+def secured(start_server, pki):
+    return start_server("--requestheader-client-ca-file", str(pki.front_proxy_ca_file),
+                        "--requestheader-allowed-names", "front-proxy-client",
+                        "--client-ca-file", str(pki.client_ca_file), "--log-format", "json")
+
+
+def request_logs(server) -> list:
+    lines = []
+    for line in server.log().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("msg") == "request":
+            lines.append(record)
+    return lines
+
+
+def logged(server, path: str) -> dict:
+    records = wait_until(lambda: [r for r in request_logs(server) if r["path"] == path])
+    assert records, server.log()
+    return records[-1]
+
+
+# The pure authenticator
+
+FP_ANCHOR, CLIENT_ANCHOR = b"front-proxy-ca", b"client-ca"
+CONFIG = reqapi.AuthConfig(source="test", requestheader_ca="x", allowed_names=("front-proxy-client",),
+                           client_ca="y")
+ANCHORS = (frozenset([FP_ANCHOR]), frozenset([CLIENT_ANCHOR]))
+
+
+def test_authenticate_front_proxy_user_groups_and_extra():
+    peer = reqapi.PeerCertificate(FP_ANCHOR, "front-proxy-client", ())
+    identity = reqapi.authenticate(CONFIG, peer, [
+        ("x-remote-user", "alice"), ("x-remote-group", "dev"), ("x-remote-group", "ops"),
+        ("x-remote-extra-scopes", "a"), ("x-remote-extra-scopes", "b"),
+        ("x-remote-extra-authentication.kubernetes.io%2fcredential-id", "X509SHA256=ab")], *ANCHORS)
+    assert identity.user == "alice" and identity.method == "front-proxy"
+    assert identity.groups == ("dev", "ops", "system:authenticated")
+    assert dict(identity.extra) == {"scopes": ("a", "b"),
+                                    "authentication.kubernetes.io/credential-id": ("X509SHA256=ab",)}
+
+
+def test_authenticate_refuses_front_proxy_names_not_allowed_and_missing_user():
+    wrong = reqapi.PeerCertificate(FP_ANCHOR, "intruder", ())
+    failure = reqapi.authenticate(CONFIG, wrong, [("x-remote-user", "admin")], *ANCHORS)
+    assert isinstance(failure, reqapi.AuthFailure) and "not in --requestheader-allowed-names" in failure.message
+    right = reqapi.PeerCertificate(FP_ANCHOR, "front-proxy-client", ())
+    failure = reqapi.authenticate(CONFIG, right, [], *ANCHORS)
+    assert isinstance(failure, reqapi.AuthFailure) and "without a user header" in failure.message
+
+
+def test_authenticate_client_certificate_ignores_identity_headers():
+    peer = reqapi.PeerCertificate(CLIENT_ANCHOR, "bob", ("devs", "ops"))
+    identity = reqapi.authenticate(CONFIG, peer, [("x-remote-user", "admin"), ("x-remote-group", "system:masters")],
+                                   *ANCHORS)
+    assert (identity.user, identity.groups, identity.method) == ("bob", ("devs", "ops", "system:authenticated"),
+                                                                  "client-cert")
+
+
+def test_authenticate_without_certificate_or_with_unknown_anchor_fails_when_configured():
+    for peer in (None, reqapi.PeerCertificate(b"other", "x", ())):
+        failure = reqapi.authenticate(CONFIG, peer, [("x-remote-user", "admin")], *ANCHORS)
+        assert isinstance(failure, reqapi.AuthFailure)
+        assert "did not come through kube-apiserver" in failure.message
+
+
+def test_authentication_off_is_anonymous_and_ignores_headers():
+    identity = reqapi.authenticate(reqapi.AuthConfig(), None, [("x-remote-user", "admin")])
+    assert identity == reqapi.ANONYMOUS
+
+
+def test_configmap_parsing_follows_k8s_apiserver():
+    config = reqapi.auth_config_from_configmap({
+        "requestheader-client-ca-file": PEM, "requestheader-allowed-names": '["front-proxy-client"]',
+        "requestheader-username-headers": '["X-Remote-User"]', "requestheader-group-headers": '["X-Remote-Group"]',
+        "requestheader-extra-headers-prefix": '["X-Remote-Extra-"]', "client-ca-file": PEM})
+    assert config.allowed_names == ("front-proxy-client",)
+    assert config.username_headers == ("x-remote-user",) and config.extra_prefixes == ("x-remote-extra-",)
+    with pytest.raises(ValueError, match="JSON array"):
+        reqapi.auth_config_from_configmap({"requestheader-client-ca-file": PEM,
+                                           "requestheader-allowed-names": "front-proxy-client"})
+    with pytest.raises(ValueError, match="aggregation layer is not configured"):
+        reqapi.auth_config_from_configmap({})
+
+
+def test_forbidden_message_in_kube_apiserver_wording():
+    alice = reqapi.Identity("alice")
+    assert reqapi.forbidden_message(alice, "get", "default", "x", f"{GV}/namespaces/default/requests/x") == (
+        'requests.k8s.wujiuye.com "x" is forbidden: User "alice" cannot get resource "requests" in API group '
+        '"k8s.wujiuye.com" in the namespace "default"')
+    assert reqapi.forbidden_message(alice, "list", "", "", f"{GV}/requests").endswith("at the cluster scope")
+    assert reqapi.forbidden_message(reqapi.Identity("<x>"), "get", "", "", "/apis") == (
+        'forbidden: User "&lt;x&gt;" cannot get path "/apis"')
+
+
+# Against the running server
+
+def test_no_certificate_is_401_on_api_paths_and_200_on_health(secured):
+    for path in (OBJECT, f"{GV}/requests", "/apis", GV, "/openapi/v3", "/version"):
+        answer = secured.get(path)
+        assert answer.status == 401, (path, answer)
+        body = answer.json()
+        assert (body["kind"], body["reason"], body["code"]) == ("Status", "Unauthorized", 401)
+        assert "did not come through kube-apiserver" in body["message"]
+        assert "--requestheader-client-ca-file" in body["message"]
+    for path in ("/healthz", "/livez", "/readyz", "/metrics"):
+        assert secured.get(path).status == 200, path
+
+
+def test_forged_remote_user_without_certificate_is_401(secured):
+    answer = secured.get(OBJECT, {"X-Remote-User": "admin", "X-Remote-Group": "system:masters"})
+    assert answer.status == 401
+
+
+def test_front_proxy_identity_reaches_the_log(secured, pki):
+    path = f"{GV}/namespaces/default/requests/from-proxy"
+    answer = secured.get(path, {"X-Remote-User": "alice", "X-Remote-Group": "dev",
+                                "X-Remote-Extra-Scopes": "read"}, client_cert=pki.proxy)
+    assert answer.status == 200 and answer.json()["metadata"]["name"] == "from-proxy"
+    record = logged(secured, path)
+    assert record["user"] == "alice" and record["auth"] == "front-proxy"
+    assert record["groups"] == ["dev", "system:authenticated"]
+    assert record["extra"] == {"scopes": ["read"]}
+
+
+def test_repeated_group_headers_are_all_groups(secured, pki):
+    # http.client cannot repeat a header; write the request by hand.
+    context = secured.certs.client_context(pki.proxy)
+    path = f"{GV}/namespaces/default/requests/groups"
+    with socket.create_connection(("127.0.0.1", secured.port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Remote-User: carol\r\nX-Remote-Group: a\r\n"
+                        f"X-Remote-Group: b\r\nConnection: close\r\n\r\n".encode())
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    assert logged(secured, path)["groups"] == ["a", "b", "system:authenticated"]
+
+
+def test_front_proxy_certificate_without_user_header_is_401(secured, pki):
+    answer = secured.get(OBJECT, client_cert=pki.proxy)
+    assert answer.status == 401 and "without a user header" in answer.json()["message"]
+
+
+def test_front_proxy_certificate_with_a_name_not_allowed_is_401(secured, pki):
+    answer = secured.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy_wrong_name)
+    assert answer.status == 401
+    assert "someone-else" in answer.json()["message"] and "allowed-names" in answer.json()["message"]
+
+
+def test_client_ca_user_is_cn_with_o_groups_and_headers_ignored(secured, pki):
+    path = f"{GV}/namespaces/default/requests/direct"
+    answer = secured.get(path, {"X-Remote-User": "admin"}, client_cert=pki.bob)
+    assert answer.status == 200
+    record = logged(secured, path)
+    assert (record["user"], record["auth"], record["groups"]) == ("bob", "client-cert", ["devs", "system:authenticated"])
+
+
+def test_unknown_ca_is_refused_and_the_next_client_is_served_at_once(secured, pki):
+    try:
+        answer = secured.get(OBJECT, client_cert=pki.stranger)
+        assert answer.status == 401
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass                                 # the handshake was refused: also acceptable
+    started = time.perf_counter()
+    assert secured.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
+    assert time.perf_counter() - started < 1.0
+    secured.wait_for_log("not signed by a CA reqapi trusts")
+
+
+def test_kubectl_with_a_client_certificate(secured, pki, tmp_path):
+    kubectl = Kubectl(secured, tmp_path / "with-cert", client_cert=pki.bob)
+    output = kubectl.run("get", "requests", "web", "-n", "default").stdout
+    assert output.split("\n")[1].split()[:4] == ["web", "100m", "100Mi", "default"]
+    refused = Kubectl(secured, tmp_path / "without").run("get", "requests", "web", "-n", "default", check=False)
+    assert refused.returncode == 1
+    assert "You must be logged in to the server" in refused.stderr
+
+
+def test_readyz_verbose_names_the_authentication_source(secured):
+    text = secured.get("/readyz?verbose").text
+    assert "authentication: flags" in text and "authentication is off" not in text
+
+
+def test_bad_ca_file_is_refused_at_start(start_server, tmp_path, certs):
+    bad = tmp_path / "bad-ca.pem"
+    bad.write_text("not a certificate\n")
+    from conftest import Server
+    server = Server(certs, tmp_path / "bad", ["--requestheader-client-ca-file", str(bad)])
+    with pytest.raises(AssertionError, match="exited with 2"):
+        server.start()
+    assert f"--requestheader-client-ca-file {bad}: holds no PEM certificate" in server.log()
+
+
+# In a pod: the ConfigMap from kube-apiserver (a test double) and SubjectAccessReviews
+
+PEM = ""      # filled by the fixture below for the parsing test
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pem():
+    global PEM
+    import trustme
+    PEM = trustme.CA().cert_pem.bytes().decode()
+
+
+def fake_token(namespace: str = "default", name: str = "requests-apiserver") -> str:
+    def part(document):
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'RS256'})}.{part({'sub': f'system:serviceaccount:{namespace}:{name}'})}.signature"
+
+
+@pytest.fixture()
+def cluster(tmp_path, pki):
+    """A kube-apiserver double serving extension-apiserver-authentication, and a pod's SA dir."""
+    import trustme
+    api_ca = trustme.CA()
+    leaf = api_ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "api.pem", tmp_path / "api-key.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    token = fake_token()
+    data = {
+        "client-ca-file": pki.client_ca_file.read_text(),
+        "requestheader-client-ca-file": pki.front_proxy_ca_file.read_text(),
+        "requestheader-allowed-names": '["front-proxy-client"]',
+        "requestheader-username-headers": '["X-Remote-User"]',
+        "requestheader-group-headers": '["X-Remote-Group"]',
+        "requestheader-extra-headers-prefix": '["X-Remote-Extra-"]',
+        "requestheader-uid-headers": "[]",
+    }
+    fake = FakeKubeAPIServer(cert_file=str(cert), key_file=str(key), token=token, configmap_data=data).start()
+    sa_dir = tmp_path / "serviceaccount"
+    write_service_account_dir(sa_dir, token=token, ca_pem=api_ca.cert_pem.bytes().decode())
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)}
+    yield fake, ["--service-account-dir", str(sa_dir), "--authentication-refresh", "1s"], env
+    fake.stop()
+
+
+def test_in_cluster_reads_the_configmap_and_authenticates(start_server, cluster, pki):
+    fake, args, env = cluster
+    server = start_server(*args, "--log-format", "json", env=env)
+    assert fake.wait_for(lambda seen: any("extension-apiserver-authentication" in r["path"] for r in seen), 5)
+    request = next(r for r in fake.requests if "extension-apiserver-authentication" in r["path"])
+    assert request["headers"]["Authorization"] == f"Bearer {fake.token}"
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    assert server.get(OBJECT).status == 401
+    assert server.get(OBJECT, {"X-Remote-User": "admin"}).status == 401
+    assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
+    assert server.get(OBJECT, client_cert=pki.bob).status == 200
+    assert "configmap kube-system/extension-apiserver-authentication" in server.get("/readyz?verbose").text
+
+
+def test_in_cluster_without_rbac_stays_not_ready_and_never_trusts_headers(start_server, cluster, pki):
+    fake, args, env = cluster
+    fake.configmap_status = 403
+    server = start_server(*args, env=env, wait_ready=False)
+    assert wait_until(lambda: server.try_get("/livez") == 200)
+    ready = server.get("/readyz?verbose")
+    assert ready.status == 503
+    assert ("kubectl create rolebinding -n kube-system ROLEBINDING_NAME --role=extension-apiserver-authentication-reader "
+            "--serviceaccount=default:requests-apiserver") in ready.text
+    assert "--serviceaccount=default:requests-apiserver" in server.log()
+    for headers in ({"X-Remote-User": "admin", "X-Remote-Group": "system:masters"}, {}):
+        answer = server.get(OBJECT, headers)
+        assert answer.status == 503 and answer.json()["reason"] == "ServiceUnavailable"
+    fake.configmap_status = 200                       # the RoleBinding is created: reqapi recovers
+    assert wait_until(lambda: server.get("/readyz").status == 200, timeout=15), server.log()
+    assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
+
+
+def test_delegated_authorization_with_subject_access_reviews(start_server, cluster, pki):
+    fake, args, env = cluster
+
+    def decide(spec):
+        if spec["user"] == "mallory":
+            return {"allowed": False, "denied": True, "reason": "no role for mallory"}
+        return {"allowed": True}
+    fake.sar_decider = decide
+    server = start_server(*args, "--authorization-mode", "Delegated", env=env)
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    fake.clear_requests()
+    assert server.get(OBJECT, {"X-Remote-User": "alice", "X-Remote-Group": "dev"}, client_cert=pki.proxy).status == 200
+    reviews = [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
+    assert len(reviews) == 1
+    spec = reviews[0]["body"]["spec"]
+    assert spec["resourceAttributes"] == {"verb": "get", "group": "k8s.wujiuye.com", "version": "v1beta1",
+                                          "resource": "requests", "namespace": "default", "name": "web"}
+    assert spec["user"] == "alice" and spec["groups"] == ["dev", "system:authenticated"]
+    # Cached: the same request again makes no new review.
+    assert server.get(OBJECT, {"X-Remote-User": "alice", "X-Remote-Group": "dev"}, client_cert=pki.proxy).status == 200
+    assert len([r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]) == 1
+    denied = server.get(OBJECT, {"X-Remote-User": "mallory"}, client_cert=pki.proxy)
+    assert denied.status == 403
+    body = denied.json()
+    assert body["reason"] == "Forbidden" and body["details"] == {"name": "web", "group": "k8s.wujiuye.com",
+                                                                 "kind": "requests"}
+    assert body["message"] == ('requests.k8s.wujiuye.com "web" is forbidden: User "mallory" cannot get resource '
+                               '"requests" in API group "k8s.wujiuye.com" in the namespace "default": '
+                               'no role for mallory')
+    # system:masters (kube-aggregator's probe) is allowed without a review; health paths need none.
+    fake.clear_requests()
+    assert server.get(GV, {"X-Remote-User": "system:kube-aggregator", "X-Remote-Group": "system:masters"},
+                      client_cert=pki.proxy).status == 200
+    assert server.get("/readyz").status == 200
+    assert not [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
+    listing = server.get(f"{GV}/namespaces/shop/requests", {"X-Remote-User": "mallory"}, client_cert=pki.proxy)
+    assert listing.status == 403 and "cannot list resource" in listing.json()["message"]

@@ -1,0 +1,256 @@
+"""The server lifecycle: rules reloads, certificate rotation, graceful shutdown, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from conftest import GV, RULES, Certs, Server, wait_until, write_rules
+
+OBJECT = f"{GV}/namespaces/shop/requests/checkout"
+
+
+def cpu(server, path=OBJECT) -> str:
+    return server.get(path).json()["resources"]["cpu"]
+
+
+def changed_rules(checkout_cpu: str) -> dict:
+    document = json.loads(json.dumps(RULES))
+    document["rules"][2]["cpu"] = checkout_cpu
+    return document
+
+
+# Rules reloads
+
+def test_a_changed_rules_file_is_picked_up_by_polling(start_server, rules_file):
+    server = start_server("--rules", str(rules_file), "--reload-interval", "0.2s")
+    before = server.get(f"{GV}/requests").json()["metadata"]["resourceVersion"]
+    assert cpu(server) == "2"
+    write_rules(rules_file, changed_rules("4"))
+    assert wait_until(lambda: cpu(server) == "4", timeout=10), server.log()
+    after = server.get(f"{GV}/requests").json()["metadata"]["resourceVersion"]
+    assert after != before
+    server.wait_for_log(r"rules reloaded file=\S+ rules=5 resourceVersion=" + after)
+
+
+def test_sighup_reloads_at_once(start_server, rules_file):
+    server = start_server("--rules", str(rules_file), "--reload-interval", "1h")
+    write_rules(rules_file, changed_rules("3"))
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: cpu(server) == "3", timeout=10), server.log()
+
+
+def test_a_bad_rules_file_is_refused_and_the_last_good_rules_keep_serving(start_server, rules_file):
+    server = start_server("--rules", str(rules_file), "--reload-interval", "1h")
+    bad = changed_rules("3")
+    bad["rules"][1]["memory"] = "2GB"
+    write_rules(rules_file, bad)
+    server.signal(signal.SIGHUP)
+    message = server.wait_for_log(r"rules refused.*").group(0)
+    assert "rules[1].memory" in message and str(rules_file) in message
+    assert cpu(server) == "2"                                      # the last good rules
+    ready = server.get("/readyz?verbose")
+    assert ready.status == 200
+    assert "the newest rules file was refused" in ready.text and "rules[1].memory" in ready.text
+    assert "reqapi_rules_last_reload_refused 1" in server.get("/metrics").text
+    write_rules(rules_file, changed_rules("5"))                  # fixed: served, and the warning goes
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: cpu(server) == "5"), server.log()
+    assert "refused" not in server.get("/readyz?verbose").text
+
+
+def test_a_configmap_style_symlink_swap_is_picked_up(start_server, tmp_path):
+    # The kubelet writes ConfigMap volumes as ..data -> ..<timestamp>/ and swaps the ..data symlink.
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    first = volume / "..2026_11_25_10_00_00.000000001"
+    first.mkdir()
+    write_rules(first / "rules.json", RULES)
+    (volume / "..data").symlink_to(first.name)
+    (volume / "rules.json").symlink_to("..data/rules.json")
+    server = start_server("--rules", str(volume / "rules.json"), "--reload-interval", "0.2s")
+    assert cpu(server) == "2"
+    second = volume / "..2026_11_25_10_05_00.000000002"
+    second.mkdir()
+    write_rules(second / "rules.json", changed_rules("7"))
+    (volume / "..data_tmp").symlink_to(second.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    assert wait_until(lambda: cpu(server) == "7", timeout=10), server.log()
+
+
+def test_a_bad_rules_file_at_start_exits_2_with_the_message(certs, tmp_path, rules_file):
+    bad = changed_rules("2")
+    bad["rules"][0]["namespace"] = "Prod-*"
+    write_rules(rules_file, bad)
+    server = Server(certs, tmp_path / "bad", ["--rules", str(rules_file)])
+    with pytest.raises(AssertionError, match="exited with 2"):
+        server.start()
+    assert "rules[0].namespace" in server.log() and str(rules_file) in server.log()
+
+
+# Certificate rotation
+
+def served_certificate(server) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_rotated_certificate_serves_new_handshakes_and_keeps_old_connections(start_server, tmp_path):
+    certs = Certs(tmp_path / "rotating")
+    server = start_server("--reload-interval", "0.2s", server_certs=certs)
+    old = served_certificate(server)
+    kept = server.connection()
+    kept.request("GET", OBJECT)
+    assert kept.getresponse().read()
+    # A new pair from a new CA, swapped in by rename (as a Secret volume update does).
+    fresh = Certs(tmp_path / "fresh")
+    for source, target in ((fresh.cert_file, certs.cert_file), (fresh.key_file, certs.key_file)):
+        temporary = target.with_suffix(".new")
+        temporary.write_bytes(source.read_bytes())
+        os.replace(temporary, target)
+    assert wait_until(lambda: served_certificate(server) != old, timeout=10), server.log()
+    server.wait_for_log("TLS configuration reloaded")
+    kept.request("GET", OBJECT)                      # the existing connection still works
+    assert kept.getresponse().status == 200
+    kept.close()
+
+
+def test_a_mismatched_pair_is_refused_and_the_old_certificate_keeps_serving(start_server, tmp_path):
+    certs = Certs(tmp_path / "rotating")
+    server = start_server("--reload-interval", "1h", server_certs=certs)
+    old = served_certificate(server)
+    other = Certs(tmp_path / "other")
+    certs.key_file.write_bytes(other.key_file.read_bytes())        # key no longer matches the certificate
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("TLS files refused")
+    assert served_certificate(server) == old
+    assert server.get(OBJECT).status == 200
+    assert "the newest certificate was refused" in server.get("/readyz?verbose").text
+
+
+def test_rotation_under_load_fails_no_request(start_server, tmp_path):
+    certs = Certs(tmp_path / "rotating")
+    server = start_server("--reload-interval", "0.1s", server_certs=certs)
+    failures, done, count = [], threading.Event(), [0]
+    trusted = Certs.__new__(Certs)
+
+    def load():
+        while not done.is_set():
+            try:
+                answer = server.get(OBJECT)
+                if answer.status != 200:
+                    failures.append(answer)
+                count[0] += 1
+            except Exception as error:                              # noqa: BLE001 - any failure counts
+                failures.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for round_number in range(3):                                  # same CA, new leaf each round
+        cert, key = certs.issue(f"round{round_number}", "localhost", "127.0.0.1")
+        for source, target in ((cert, certs.cert_file), (key, certs.key_file)):
+            temporary = target.with_suffix(".new")
+            temporary.write_bytes(source.read_bytes())
+            os.replace(temporary, target)
+        reloads = round_number + 1
+        assert wait_until(lambda: server.log().count("TLS configuration reloaded") >= reloads, timeout=10)
+    done.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert count[0] > 20 and failures == [], failures[:3]
+
+
+# Graceful shutdown
+
+def test_sigterm_fails_readyz_at_once_keeps_serving_for_the_delay_then_exits_0(certs, tmp_path):
+    server = Server(certs, tmp_path / "s", ["--shutdown-delay", "3s", "--shutdown-timeout", "5s"]).start()
+    kept = server.connection()
+    kept.request("GET", "/readyz")
+    assert kept.getresponse().read() == b"ok"
+    server.signal(signal.SIGTERM)
+    server.wait_for_log("shutting down")
+    kept.request("GET", "/readyz")
+    response = kept.getresponse()
+    assert response.status == 503 and b"[-]shutdown failed" in response.read()
+    assert server.get("/livez").status == 200                   # still serving new connections
+    assert server.get(OBJECT).status == 200
+    assert server.process.wait(timeout=15) == 0
+    assert "stopped open_connections=0" in server.log()
+
+
+def test_sigterm_lets_in_flight_watches_end_cleanly(certs, tmp_path, rules_file):
+    server = Server(certs, tmp_path / "s", ["--rules", str(rules_file), "--shutdown-delay", "0",
+                                            "--shutdown-timeout", "5s"]).start()
+    connection = server.connection(timeout=20)
+    connection.request("GET", f"{GV}/namespaces/shop/requests?watch=true&timeoutSeconds=60")
+    response = connection.getresponse()
+    first = response.read1(65536)
+    assert b'"ADDED"' in first
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    rest = response.read()                  # the stream ends with the terminating chunk, not a reset
+    assert time.monotonic() - started < 10
+    assert b"ERROR" not in rest
+    assert server.process.wait(timeout=15) == 0
+
+
+def test_sigterm_under_load_loses_no_request(certs, tmp_path):
+    server = Server(certs, tmp_path / "s", ["--shutdown-delay", "2s", "--shutdown-timeout", "5s"]).start()
+    results, done = [], threading.Event()
+
+    def load():
+        connection = server.connection()
+        while not done.is_set():
+            try:
+                connection.request("GET", OBJECT)
+                response = connection.getresponse()
+                body = response.read()
+                results.append((response.status, len(body) > 0))
+                if response.getheader("Connection") == "close":
+                    connection.close()
+                    connection = server.connection()
+            except (ConnectionError, OSError, Exception) as error:       # noqa: BLE001
+                # After the listener closes new connections are refused: that is not a lost request.
+                if isinstance(error, ConnectionRefusedError):
+                    break
+                results.append(("error", repr(error)))
+                break
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: len(results) > 50)
+    server.signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0
+    done.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) > 50
+    lost = [r for r in results if r[0] != 200]
+    # Every request that was sent got its answer: draining answers with Connection: close, and the
+    # client reconnects (refused once the listener is closed, which ends that client's loop).
+    assert lost == [], lost
+
+
+def test_a_second_signal_exits_at_once(certs, tmp_path):
+    server = Server(certs, tmp_path / "s", ["--shutdown-delay", "60s"]).start()
+    server.signal(signal.SIGTERM)
+    server.wait_for_log("shutting down")
+    started = time.monotonic()
+    server.signal(signal.SIGINT)
+    assert server.process.wait(timeout=5) != 0
+    assert time.monotonic() - started < 5
+    assert "second signal: exiting now" in server.log()
