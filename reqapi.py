@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -991,7 +992,7 @@ class Response(NamedTuple):
 
 class WatchStream(NamedTuple):
     content_type: str
-    events: Iterator[bytes]    # one JSON document per item, already encoded
+    events: Iterator[Optional[bytes]]   # encoded JSON documents; None about once a second meanwhile
 
 
 @dataclasses.dataclass(slots=True)
@@ -1425,11 +1426,12 @@ def _watch_events(app, namespace, fields, labels, start, timeout, send_initial, 
         yield from _diff_events(select_items(past, namespace, fields, labels), current, generation, encode)
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or app.draining:
             break
-        newer = app.wait_for_change(generation, remaining)
-        if newer is None:          # timed out or shutting down
-            break
+        newer = app.wait_for_change(generation, min(remaining, 1.0))
+        if newer is None:
+            yield None             # a heartbeat: lets the writer notice a client that went away
+            continue
         generation = newer
         following = select_items(generation, namespace, fields, labels)
         yield from _diff_events(current, following, generation, encode)
@@ -2160,6 +2162,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self.tls.sendall(b"0\r\n\r\n")
                 return True
             for event in watch.events:
+                if event is None:
+                    if self.client_gone():
+                        return False
+                    continue
                 line = event + b"\n"
                 self.tls.sendall(b"%x\r\n%s\r\n" % (len(line), line))
             self.tls.sendall(b"0\r\n\r\n")
@@ -2171,6 +2177,25 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             close = getattr(watch.events, "close", None)
             if close:
                 close()
+
+    def client_gone(self) -> bool:
+        """During a watch: has the client closed the connection?  (kubectl just closes it at
+        --request-timeout.)  Bytes it sent meanwhile are kept for the next request."""
+        if not select.select([self.tls], [], [], 0)[0] and not self.tls.pending():
+            return False
+        try:
+            self.tls.settimeout(0.1)
+            data = self.tls.recv(65536)
+        except socket.timeout:
+            return False
+        except (OSError, ssl.SSLError):
+            return True
+        finally:
+            self.tls.settimeout(self.server.app.config.write_timeout)
+        if not data:
+            return True
+        self.leftover += data
+        return False
 
     def log_failure(self, code: int) -> None:
         self.server.app.metrics.observe("UNKNOWN", "", code, 0.0)
@@ -2716,13 +2741,23 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show a flag's default only when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, "", argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     parser = argparse.ArgumentParser(
         prog="reqapi.py",
         description=f"reqapi {__version__}: a Kubernetes aggregated API server ({GROUP_VERSION}, resource "
                     f"'{RESOURCE}') that predicts the CPU and memory requests of workload NAME in namespace NS.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="Durations accept 500ms, 10s, 2m or plain seconds.  Send SIGHUP to re-read the rules and "
                "certificates at once; SIGTERM shuts down gracefully (a second one exits at once).")
     serving = parser.add_argument_group("serving")
@@ -2742,7 +2777,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--check", action="store_true", help="validate --rules and exit: 0 if good, 2 if not")
     rules.add_argument("--predict", metavar="NS/NAME", help="print the object the server would serve for "
                        "workload NAME in namespace NS, and exit")
-    rules.add_argument("--reload-interval", type=duration, default=2.0,
+    rules.add_argument("--reload-interval", type=duration, default="2s",
                        help="how often to look for changed rules, certificate and CA files")
     auth = parser.add_argument_group("authentication and authorization (who may call reqapi)")
     auth.add_argument("--requestheader-client-ca-file", metavar="FILE", help="CA of kube-apiserver's "
@@ -2762,25 +2797,25 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--authorization-mode", choices=("AlwaysAllow", "Delegated"), default="AlwaysAllow",
                       help="AlwaysAllow: trust kube-apiserver's RBAC check; Delegated: also ask kube-apiserver "
                            "with a SubjectAccessReview per request (cached 10s)")
-    auth.add_argument("--authentication-refresh", type=duration, default=300.0,
+    auth.add_argument("--authentication-refresh", type=duration, default="5m",
                       help="in a pod: how often to re-read kube-system/extension-apiserver-authentication")
     auth.add_argument("--service-account-dir", default="/var/run/secrets/kubernetes.io/serviceaccount",
                       help="where the pod's ServiceAccount token and ca.crt are (change only for testing)")
     lifecycle = parser.add_argument_group("connections and shutdown")
-    lifecycle.add_argument("--shutdown-delay", type=duration, default=10.0 if in_pod else 0.0,
+    lifecycle.add_argument("--shutdown-delay", type=duration, default="10s" if in_pod else "0s",
                            help="after SIGTERM, keep serving this long with /readyz failing, so endpoints are "
-                                "removed before the listener closes (default 10s in a pod, 0 elsewhere)")
-    lifecycle.add_argument("--shutdown-timeout", type=duration, default=15.0,
+                                "removed before the listener closes (default: 10s in a pod, 0s elsewhere)")
+    lifecycle.add_argument("--shutdown-timeout", type=duration, default="15s",
                            help="then wait this long for in-flight requests and watches to end")
-    lifecycle.add_argument("--tls-handshake-timeout", type=duration, default=10.0,
+    lifecycle.add_argument("--tls-handshake-timeout", type=duration, default="10s",
                            help="time a new connection has to complete its TLS handshake")
-    lifecycle.add_argument("--read-header-timeout", type=duration, default=30.0,
+    lifecycle.add_argument("--read-header-timeout", type=duration, default="30s",
                            help="time a request head has to arrive once its first byte has")
-    lifecycle.add_argument("--idle-timeout", type=duration, default=90.0,
+    lifecycle.add_argument("--idle-timeout", type=duration, default="90s",
                            help="keep-alive connections idle this long are closed")
-    lifecycle.add_argument("--write-timeout", type=duration, default=30.0,
+    lifecycle.add_argument("--write-timeout", type=duration, default="30s",
                            help="time a client has to take each write of a response")
-    lifecycle.add_argument("--watch-timeout", type=duration, default=300.0,
+    lifecycle.add_argument("--watch-timeout", type=duration, default="5m",
                            help="a watch without ?timeoutSeconds= ends after this long")
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-format", choices=("text", "json"), default="text",
