@@ -694,13 +694,16 @@ def encode_continue(resource_version: str, after: tuple) -> str:
 
 
 def decode_continue(token: str) -> tuple:
+    if len(token) > 4096:
+        raise SelectorError("continue key is not valid: too long; pass metadata.continue of the previous page "
+                            "unchanged, or start again without continue")
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         namespace, name = data["start"]
         return str(data["rv"]), (str(namespace), str(name))
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError) as error:
-        raise SelectorError(f"continue key is not valid: {error}; pass metadata.continue of the previous "
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError, RecursionError) as error:
+        raise SelectorError(f"continue key is not valid: {type(error).__name__}; pass metadata.continue of the previous "
                             f"page unchanged, or start again without continue") from None
 
 
@@ -1329,14 +1332,12 @@ def endpoint_list(app: "Application", request: Request):
     items = sorted(select_items(generation, namespace, fields, labels).items())
     if after is not None:
         items = [item for item in items if item[0] > after]
-    limit = request.arg("limit")
+    limit = count_argument(request, "limit")
     continue_token, remaining = "", None
-    if limit:
-        if not limit.isdigit():
-            raise HTTPError(400, "BadRequest", f"limit must be a non-negative integer, not {limit!r}")
-        if 0 < int(limit) < len(items):
-            remaining = len(items) - int(limit)
-            items = items[:int(limit)]
+    if limit is not None:
+        if 0 < limit < len(items):
+            remaining = len(items) - limit
+            items = items[:limit]
             continue_token = encode_continue(generation.resource_version, items[-1][0])
     now = int(time.time())
     objects = [requests_object(ns, name, prediction, generation.resource_version, now)
@@ -1348,6 +1349,17 @@ def endpoint_list(app: "Application", request: Request):
     rows = [table_row(obj, include, now, now) for obj in objects]
     document = table(rows, generation.resource_version, table_version, True, continue_token, remaining)
     return Response(200, dumps(document), TABLE_TYPE.format(version=table_version), headers)
+
+
+def count_argument(request: Request, name: str) -> Optional[int]:
+    """A non-negative integer query parameter, or None when absent."""
+    text = request.arg(name)
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 12):
+        raise HTTPError(400, "BadRequest", f"{name} must be a non-negative integer (at most 12 digits), "
+                        f"not {text[:40]!r}")
+    return int(text)
 
 
 def decode_continue_or_400(token: str) -> tuple:
@@ -1383,10 +1395,8 @@ def watch_collection(app: "Application", request: Request, namespace: Optional[s
     mode, table_version = negotiate_object(request)
     include = include_object_of(request) if mode == "table" else ""
     start = request.arg("resourceVersion")
-    timeout_text = request.arg("timeoutSeconds")
-    if timeout_text and not timeout_text.isdigit():
-        raise HTTPError(400, "BadRequest", f"timeoutSeconds must be a non-negative integer, not {timeout_text!r}")
-    timeout = int(timeout_text) if timeout_text else app.config.watch_timeout
+    timeout = count_argument(request, "timeoutSeconds")
+    timeout = app.config.watch_timeout if timeout is None else timeout
     send_initial = request.arg("sendInitialEvents") == "true"
     bookmarks = request.arg("allowWatchBookmarks") == "true"
     content_type = TABLE_TYPE.format(version=table_version) if mode == "table" else JSON
@@ -1900,6 +1910,9 @@ MAX_HEAD_BYTES = 65536
 MAX_HEADERS = 100
 REASONS = {code: phrase for code, (phrase, _) in http.server.BaseHTTPRequestHandler.responses.items()}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than tab, and CR or LF outside a CRLF pair: refused anywhere in a
+# request head (as Go does), so nothing can be smuggled into a log line or an echoed header.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 
 
 class BadRequest(Exception):
@@ -1914,6 +1927,9 @@ def parse_head(head: bytes, remote: str) -> Request:
     """Parse a request head (without the final blank line) — a small bytes parser instead of
     http.client's email-based one, which dominated the profile (perf-anchors.md lesson 3)."""
     text = head.decode("latin-1")
+    if _CONTROL.search(text):
+        raise BadRequest(400, "BadRequest", "the request head contains a control character (or a bare CR or "
+                         "LF); header lines end with CRLF and values hold no control characters")
     lines = text.split("\r\n")
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE:
@@ -2045,6 +2061,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             while buffer.startswith(b"\r\n"):    # tolerated between pipelined requests (RFC 9112 §2.2)
                 buffer = buffer[2:]
             end = buffer.find(b"\r\n\r\n")
+            if end > MAX_HEAD_BYTES:
+                raise BadRequest(431, "RequestHeaderFieldsTooLarge",
+                                 f"the request head is larger than {MAX_HEAD_BYTES} bytes")
             if end >= 0:
                 return buffer[:end], buffer[end + 4:]
             if len(buffer) > MAX_HEAD_BYTES:
