@@ -118,6 +118,8 @@ def test_port_in_use_is_refused_with_a_hint(server, certs):
 def test_json_log_format(start_server):
     server = start_server("--log-format", "json")
     server.get("/version")
-    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    assert any(r.get("msg") == "request" and r["path"] == "/version" and r["status"] == 200 for r in records)
-    assert all({"time", "level", "msg"} <= set(r) for r in records)
+    def records():
+        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert wait_until(lambda: any(r.get("msg") == "request" and r["path"] == "/version" and r["status"] == 200
+                                  for r in records()))
+    assert all({"time", "level", "msg"} <= set(r) for r in records())
