@@ -1,0 +1,1129 @@
+#!/usr/bin/env python3
+"""Benchmark the real reqapi server over HTTPS: start-up time, idle memory, and throughput,
+latency, server CPU per request and peak memory on three routes at several keep-alive
+connection counts.
+
+    python3 tests/bench.py                 # 10 s per run, routes object,discovery,table, 1/16/256 connections
+    python3 tests/bench.py --quick         # 2 s runs
+    python3 tests/bench.py --generator python --routes object --connections 16 --json out.json
+
+Method (see docs/perf-anchors.md in the shared docs): the server runs on one core
+(`taskset -c 0`), the load generator and this harness on another (CPU 1); every request is a
+keep-alive HTTP/1.1 GET over TLS 1.3; server CPU per request = the server's utime+stime during
+the run divided by the requests completed; RSS = VmRSS sampled every 0.1 s.
+
+Load generators: `wrk` (install it with `apt-get install wrk`) when present, otherwise a
+standard-library one (one process, epoll via `selectors`, N non-blocking TLS connections, one
+request in flight per connection).  Needs nothing but Python and, for the throwaway
+certificates, the `openssl` command (or the `trustme` package).
+
+Linux only (reads /proc).  Not part of the test suite: pytest does not collect this file (its name
+is not test_*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import platform
+import random
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+REQAPI = ROOT / "reqapi.py"
+GV = "/apis/k8s.wujiuye.com/v1beta1"
+AGGREGATED_ACCEPT = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
+TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+ROUTES = {  # name -> (path, extra request headers)
+    "object": (GV + "/namespaces/default/requests/hello-word", {}),
+    "discovery": ("/apis", {"Accept": AGGREGATED_ACCEPT}),
+    "table": (GV + "/requests", {"Accept": TABLE_ACCEPT}),
+}
+# The same rules format as the test suite (tests/conftest.py); four workloads are named exactly,
+# so a Table list of all namespaces has four rows.
+RULES = {
+    "defaults": {"cpu": "100m", "memory": "100Mi"},
+    "min": {"cpu": "10m", "memory": "16Mi"},
+    "max": {"cpu": "16", "memory": "64Gi"},
+    "rules": [
+        {"id": "prod-api", "namespace": "prod-*", "name": "*-api", "cpu": "500m", "memory": "512Mi"},
+        {"id": "hello", "namespace": "default", "name": "hello-word", "cpu": "200m", "memory": "256Mi"},
+        {"id": "checkout", "namespace": "shop", "name": "checkout", "cpu": "2", "memory": "3Gi"},
+        {"id": "search", "namespace": "shop", "name": "search", "cpu": "1500m", "memory": "1536Mi"},
+        {"id": "reports", "namespace": "default", "name": "nightly-report", "cpu": "250m", "memory": "1Gi"},
+    ],
+}
+REQUEST_TIMEOUT = 2.0       # seconds; a request outstanding longer counts as a timeout (wrk's default)
+PAUSE = 1.0                 # seconds between runs
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class BenchError(Exception):
+    """A failure that ends the benchmark with a message (and exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small HTTP/1.1 response framing, shared by the probe and the load generator
+# ---------------------------------------------------------------------------------------------
+
+def request_bytes(port: int, path: str, headers: dict) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def chunked_end(buf: bytes, pos: int) -> int:
+    """Index just past a chunked body that starts at pos, or -1 while incomplete."""
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return -1
+        size = int(buf[pos:eol].split(b";", 1)[0], 16)
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", eol)
+            return -1 if end < 0 else end + 4
+        pos = eol + 2 + size + 2
+        if pos > len(buf):
+            return -1
+
+
+def parse_head(buf: bytes, head_end: int) -> tuple:
+    """(status, body length or -1 for chunked or -2 for until-EOF, connection close?)"""
+    status = int(buf[9:12])
+    head = buf[:head_end].lower()
+    close = b"\r\nconnection: close" in head
+    length = -2
+    at = head.find(b"\r\ncontent-length:")
+    if at >= 0:
+        eol = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17:eol if eol >= 0 else len(head)])
+    elif b"\r\ntransfer-encoding: chunked" in head:
+        length = -1
+    elif status in (204, 304) or status < 200:
+        length = 0
+    return status, length, close
+
+
+def response_end(buf: bytes, head_end: int, length: int) -> int:
+    """Index just past the response, or -1 while incomplete (length as from parse_head)."""
+    if length >= 0:
+        end = head_end + 4 + length
+        return end if len(buf) >= end else -1
+    if length == -1:
+        return chunked_end(buf, head_end + 4)
+    return -1
+
+
+def https_get(context: ssl.SSLContext, port: int, path: str, headers: dict, timeout: float = 5.0) -> dict:
+    """One blocking GET on a new TLS connection (TCP_NODELAY, one write)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        sock.sendall(request_bytes(port, path, headers))
+        buf = b""
+        head_end = length = -1
+        status = 0
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                if head_end >= 0 and length == -2:
+                    break
+                raise ConnectionError("connection closed before the response was complete")
+            buf += data
+            if head_end < 0:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end < 0:
+                    continue
+                status, length, _ = parse_head(buf, head_end)
+            end = response_end(buf, head_end, length)
+            if end >= 0:
+                buf = buf[:end]
+                break
+        head = buf[:head_end].decode("latin-1").split("\r\n")[1:]
+        fields = {}
+        for line in head:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        body = buf[head_end + 4:]
+        if length == -1:
+            body = dechunk(body)
+        info = {"status": status, "headers": fields, "body": body, "tls": sock.version(),
+                "cipher": sock.cipher()[0]}
+        sock.close()
+        return info
+    finally:
+        raw.close()
+
+
+def dechunk(body: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        eol = body.find(b"\r\n", pos)
+        size = int(body[pos:eol].split(b";", 1)[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[eol + 2:eol + 2 + size])
+        pos = eol + 2 + size + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The standard-library load generator (runs as a child process: bench.py --loadgen PARAMS)
+# ---------------------------------------------------------------------------------------------
+
+CONNECTING, HANDSHAKING, SENDING, READING = range(4)
+
+
+class _Conn:
+    __slots__ = ("sock", "state", "mask", "buf", "t0", "out", "head_end", "status", "length", "close")
+
+    def __init__(self):
+        self.sock = None
+        self.state = CONNECTING
+        self.mask = 0
+        self.buf = b""
+        self.t0 = 0.0
+        self.out = b""
+        self.head_end = -1
+        self.status = 0
+        self.length = 0
+        self.close = False
+
+
+def loadgen(params: dict) -> dict:
+    """N keep-alive TLS connections, one request in flight on each, for `duration` seconds.
+    Latency runs from the first write of a request to the last byte of its response, as in wrk."""
+    port, duration, count = params["port"], params["duration"], params["connections"]
+    timeout = params.get("timeout", REQUEST_TIMEOUT)
+    address = ("127.0.0.1", port)
+    request = request_bytes(port, params["path"], params["headers"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=params["cafile"])
+    sel = selectors.DefaultSelector()
+    EV_READ, EV_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+    WantRead, WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
+    perf = time.perf_counter
+    latencies: list = []
+    record = latencies.append
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    statuses: dict = {}
+    counts = {"connections": 0, "reconnects": 0, "bytes": 0}
+    retry: list = []            # (when, conn): reconnects after a failed connect, 10 ms later
+    conns = [_Conn() for _ in range(count)]
+
+    def want(c: _Conn, mask: int) -> None:
+        if c.mask != mask:
+            sel.modify(c.sock, mask, c)
+            c.mask = mask
+
+    def open_conn(c: _Conn) -> None:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setblocking(False)
+        sock = context.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+        c.sock, c.state, c.buf, c.close, c.t0 = sock, CONNECTING, b"", False, perf()
+        counts["connections"] += 1
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            errors["connect"] += 1
+            sock.close()
+            c.sock = None
+            retry.append((perf() + 0.01, c))
+            return
+        sel.register(sock, EV_WRITE, c)
+        c.mask = EV_WRITE
+
+    def drop(c: _Conn, kind: Optional[str]) -> None:
+        """Close a connection (counting an error of `kind`) and open a new one while the run lasts."""
+        if kind:
+            errors[kind] += 1
+        try:
+            sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+        c.sock = None
+        if perf() < deadline:
+            counts["reconnects"] += 1
+            if kind == "connect":
+                retry.append((perf() + 0.01, c))
+            else:
+                open_conn(c)
+
+    def send_request(c: _Conn, now: float) -> None:
+        c.t0, c.out, c.state = now, request, SENDING
+        c.head_end = -1
+        c.buf = b""
+        write(c)
+
+    def write(c: _Conn) -> None:
+        try:
+            n = c.sock.send(c.out)
+        except WantWrite:
+            want(c, EV_WRITE)
+            return
+        except WantRead:
+            want(c, EV_READ)
+            return
+        except OSError:
+            drop(c, "write")
+            return
+        if n < len(c.out):
+            c.out = c.out[n:]
+            want(c, EV_WRITE)
+            return
+        c.state = READING
+        want(c, EV_READ)
+
+    def read(c: _Conn) -> None:
+        sock = c.sock
+        while True:
+            try:
+                data = sock.recv(16384)
+            except WantRead:
+                want(c, EV_READ)
+                return
+            except WantWrite:
+                want(c, EV_WRITE)
+                return
+            except OSError:
+                drop(c, "read")
+                return
+            if not data:
+                if c.head_end >= 0 and c.length == -2:      # a body delimited by the close
+                    finish(c, perf())
+                drop(c, None if c.close else "read")
+                return
+            counts["bytes"] += len(data)
+            buf = c.buf = c.buf + data if c.buf else data
+            if c.head_end < 0:
+                c.head_end = buf.find(b"\r\n\r\n")
+                if c.head_end < 0:
+                    if len(buf) > 65536:
+                        drop(c, "read")
+                        return
+                    continue
+                try:
+                    c.status, c.length, c.close = parse_head(buf, c.head_end)
+                except ValueError:
+                    drop(c, "read")
+                    return
+            if response_end(buf, c.head_end, c.length) >= 0:
+                now = perf()
+                finish(c, now)
+                if c.close:
+                    drop(c, None)
+                elif now < deadline:
+                    send_request(c, now)
+                return
+
+    def finish(c: _Conn, now: float) -> None:
+        if now <= deadline:
+            record(now - c.t0)
+            statuses[c.status] = statuses.get(c.status, 0) + 1
+
+    def handshake(c: _Conn) -> None:
+        try:
+            c.sock.do_handshake()
+        except WantRead:
+            want(c, EV_READ)
+            return
+        except WantWrite:
+            want(c, EV_WRITE)
+            return
+        except (OSError, ValueError):
+            drop(c, "connect")
+            return
+        send_request(c, perf())
+
+    # Ready: the parent samples the server's counters, then says go.
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    cpu_start = os.times()
+    start = perf()
+    deadline = start + duration
+    for c in conns:
+        open_conn(c)
+    next_sweep = start + 0.1
+    select = sel.select
+    while True:
+        now = perf()
+        if now >= deadline:
+            break
+        for key, mask in select(min(0.1, deadline - now)):
+            c = key.data
+            state = c.state
+            if state == READING:
+                read(c)
+            elif state == SENDING:
+                write(c)
+            elif state == HANDSHAKING:
+                handshake(c)
+            else:                                   # CONNECTING: the connect finished
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    drop(c, "connect")
+                else:
+                    c.state = HANDSHAKING
+                    handshake(c)
+        now = perf()
+        if now >= next_sweep:
+            next_sweep = now + 0.1
+            for c in conns:
+                if c.sock is not None and now - c.t0 > timeout:    # a request, or a connect + handshake
+                    drop(c, "timeout")
+            if retry:
+                due = [c for when, c in retry if when <= now]
+                retry[:] = [(when, c) for when, c in retry if when > now]
+                for c in due:
+                    if now < deadline:
+                        open_conn(c)
+    elapsed = perf() - start
+    cpu_end = os.times()
+    for c in conns:
+        if c.sock is not None:
+            c.sock.close()
+    latencies.sort()
+    total = len(latencies)
+
+    def pct(q: float) -> Optional[float]:
+        return latencies[min(total - 1, max(0, math.ceil(q * total) - 1))] if total else None
+
+    return {"requests": total, "duration_s": elapsed, "rps": total / elapsed if elapsed else 0.0,
+            "cpu_s": (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system),
+            "latency_s": {"p50": pct(0.50), "p75": pct(0.75), "p90": pct(0.90), "p99": pct(0.99),
+                          "max": latencies[-1] if total else None,
+                          "mean": sum(latencies) / total if total else None},
+            "socket_errors": errors, "non2xx": sum(n for s, n in statuses.items() if not 200 <= s < 300),
+            "statuses": {str(s): n for s, n in sorted(statuses.items())}, **counts}
+
+
+def loadgen_child(params_json: str) -> int:
+    result = loadgen(json.loads(params_json))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readers
+# ---------------------------------------------------------------------------------------------
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of every thread of the process, in clock ticks."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        data = handle.read()
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def proc_status(pid: int) -> dict:
+    """VmRSS and VmHWM in kB, Threads."""
+    out = {}
+    with open(f"/proc/{pid}/status", "rb") as handle:
+        for line in handle:
+            if line.startswith((b"VmRSS:", b"VmHWM:", b"Threads:")):
+                name, value = line.split(b":", 1)
+                out[name.decode()] = int(value.split()[0])
+    return out
+
+
+def cpu_times() -> dict:
+    """cpuN -> (busy, total) jiffies from /proc/stat."""
+    out = {}
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    parts = line.split()
+                    values = [int(v) for v in parts[1:9]]
+                    total = sum(values)
+                    out[parts[0]] = (total - values[3] - values[4], total)
+    except OSError:
+        pass
+    return out
+
+
+def busy_share(before: dict, after: dict, cpu: Optional[int]) -> Optional[float]:
+    if cpu is None:
+        return None
+    key = f"cpu{cpu}"
+    if key not in before or key not in after:
+        return None
+    busy = after[key][0] - before[key][0]
+    total = after[key][1] - before[key][1]
+    return busy / total if total > 0 else None
+
+
+def machine_info() -> dict:
+    info = {"cpu_model": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "kernel": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "python_executable": sys.executable, "openssl_python": ssl.OPENSSL_VERSION}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_allowed"] = sorted(os.sched_getaffinity(0))
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    info["mem_total_gib"] = round(int(line.split()[1]) / 1048576, 1)
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/etc/os-release") as handle:
+            for line in handle:
+                if line.startswith("PRETTY_NAME="):
+                    info["os"] = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as handle:
+            info["loadavg_at_start"] = " ".join(handle.read().split()[:3])
+    except OSError:
+        pass
+    if shutil.which("openssl"):
+        try:
+            info["openssl_cli"] = subprocess.run(["openssl", "version"], capture_output=True, text=True,
+                                                 timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates, rules, CPU pinning
+# ---------------------------------------------------------------------------------------------
+
+def make_certificates(directory: Path) -> tuple:
+    """(ca, cert, key) files: an ECDSA P-256 CA and a server certificate for IP:127.0.0.1 and
+    DNS:localhost, made with the openssl command (or with trustme when openssl is missing)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr",
+                                                          "server.pem"))
+    ext = directory / "server.ext"
+    if shutil.which("openssl"):
+        ext.write_text("basicConstraints = critical, CA:FALSE\n"
+                       "keyUsage = critical, digitalSignature\n"
+                       "extendedKeyUsage = serverAuth\n"
+                       "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+                       "subjectKeyIdentifier = hash\n"
+                       "authorityKeyIdentifier = keyid, issuer\n")
+        serial = "0x%x" % random.getrandbits(63)
+        steps = [
+            ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(ca_key)],
+            ["openssl", "req", "-x509", "-new", "-key", str(ca_key), "-out", str(ca), "-days", "90", "-sha256",
+             "-subj", "/CN=reqapi bench throwaway CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-addext", "subjectKeyIdentifier=hash"],
+            ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)],
+            ["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+            ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-set_serial",
+             serial, "-days", "90", "-sha256", "-extfile", str(ext), "-out", str(cert)],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"openssl failed: {' '.join(step)}\n{done.stderr.strip()}")
+        return ca, cert, key
+    try:
+        import trustme  # type: ignore
+    except ImportError:
+        raise BenchError("need the openssl command (apt-get install openssl) or the trustme package to make "
+                         "throwaway certificates") from None
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(ca))
+    leaf = authority.issue_cert("127.0.0.1", "localhost")
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    return ca, cert, key
+
+
+def choose_cpus(no_pin: bool) -> tuple:
+    """(server CPU, generator CPU, how) — the first two CPUs this process may use."""
+    if no_pin:
+        return None, None, "not pinned (--no-pin)"
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(allowed) < 2:
+        return None, None, f"not pinned ({len(allowed) or os.cpu_count()} CPU available)"
+    how = "taskset" if shutil.which("taskset") else "sched_setaffinity (no taskset)"
+    return allowed[0], allowed[1], how
+
+
+def pinned(command: list, cpu: Optional[int]) -> tuple:
+    """(command, preexec_fn) that runs `command` on `cpu`."""
+    if cpu is None:
+        return command, None
+    if shutil.which("taskset"):
+        return ["taskset", "-c", str(cpu)] + command, None
+    return command, lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The server under test
+# ---------------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, directory: Path, cert: Path, key: Path, rules: Optional[Path], log_level: Optional[str],
+                 extra: list, cpu: Optional[int]):
+        self.directory, self.cert, self.key, self.rules = directory, cert, key, rules
+        self.log_level, self.extra, self.cpu = log_level, extra, cpu
+        self.log_file = directory / "reqapi.log"
+        self.process: Optional[subprocess.Popen] = None
+        self.port = 0
+        self.command: list = []
+
+    def start(self, context: ssl.SSLContext, probe_path: str, timeout: float = 30.0) -> float:
+        """Start the server; returns ms from process start to the end of the first 200 response."""
+        for attempt in range(3):
+            self.port = free_port()
+            command = [sys.executable, str(REQAPI), "--cert", str(self.cert), "--key", str(self.key),
+                       "--port", str(self.port), "--bind-address", "127.0.0.1"]
+            if self.rules:
+                command += ["--rules", str(self.rules)]
+            if self.log_level:
+                command += ["--log-level", self.log_level]
+            command += self.extra
+            self.command, preexec = pinned(command, self.cpu)
+            env = dict(os.environ)
+            env.pop("KUBERNETES_SERVICE_HOST", None)      # never act as if in a pod
+            log = open(self.log_file, "ab")
+            started = time.perf_counter()
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            stdin=subprocess.DEVNULL, preexec_fn=preexec)
+            log.close()
+            deadline = started + timeout
+            last_error = ""
+            while time.perf_counter() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    answer = https_get(context, self.port, probe_path, {}, timeout=2.0)
+                except (OSError, ssl.SSLError) as error:
+                    last_error = repr(error)
+                    time.sleep(0.002)
+                    continue
+                if answer["status"] == 200:
+                    self.tls = f"{answer['tls']} {answer['cipher']}"
+                    return (time.perf_counter() - started) * 1000
+                last_error = f"HTTP {answer['status']}: {answer['body'][:200]!r}"
+                time.sleep(0.002)
+            if self.process.poll() is not None and "cannot listen" in self.log_tail() and attempt < 2:
+                continue                                    # the port was taken meanwhile: another one
+            exited = self.process.poll() is not None
+            self.stop()
+            what = (f"the server exited with code {self.process.returncode} before answering" if exited else
+                    f"the server did not answer 200 within {timeout:g}s")
+            raise BenchError(f"{what} (last probe: {last_error or 'none'})\n"
+                             f"command: {shlex.join(self.command)}\nlog ({self.log_file}):\n{self.log_tail()}")
+        raise BenchError("unreachable")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, size: int = 4000) -> str:
+        try:
+            data = self.log_file.read_bytes()
+        except OSError:
+            return ""
+        return data[-size:].decode("utf-8", "replace")
+
+    def log_summary(self) -> dict:
+        lines = errors = tracebacks = 0
+        size = 0
+        try:
+            size = self.log_file.stat().st_size
+            with open(self.log_file, "rb") as handle:
+                for line in handle:
+                    lines += 1
+                    if b" ERROR " in line or b'"level":"error"' in line:
+                        errors += 1
+                    if line.startswith(b"Traceback"):
+                        tracebacks += 1
+        except OSError:
+            pass
+        return {"lines": lines, "bytes": size, "error_lines": errors, "tracebacks": tracebacks}
+
+    def stop(self) -> Optional[int]:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def server_default_log_level() -> str:
+    try:
+        text = subprocess.run([sys.executable, str(REQAPI), "--help"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # The option's own help entry (not the usage line): from "  --log-level" to the next option.
+    entry = re.search(r"^\s+--log-level\b(.*?)(?=^\s+-|^\S|\Z)", text, re.S | re.M)
+    found = entry and re.search(r"\(default:\s*([\w-]+)\)", entry.group(1))
+    return found.group(1) if found else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Load runs
+# ---------------------------------------------------------------------------------------------
+
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_wrk(text: str) -> dict:
+    def seconds(number: str, unit: str) -> float:
+        return float(number) * WRK_UNITS[unit]
+
+    out: dict = {"latency_s": {}, "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0},
+                 "non2xx": 0}
+    found = re.search(r"Requests/sec:\s*([\d.]+)", text)
+    if not found:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    out["rps"] = float(found.group(1))
+    found = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", text)
+    out["requests"] = int(found.group(1)) if found else 0
+    out["duration_s"] = seconds(found.group(2), found.group(3)) if found else None
+    for pct, number, unit in re.findall(r"^\s+(\d+)(?:\.\d+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
+        out["latency_s"][f"p{pct}"] = seconds(number, unit)
+    found = re.search(r"Latency\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)\s+([\d.]+)(us|ms|s|m|h)", text)
+    if found:
+        out["latency_s"]["mean"] = seconds(found.group(1), found.group(2))
+        out["latency_s"]["max"] = seconds(found.group(5), found.group(6))
+    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if found:
+        out["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"), map(int, found.groups())))
+    found = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if found:
+        out["non2xx"] = int(found.group(1))
+    return out
+
+
+class Runner:
+    def __init__(self, server: Server, generator: str, ca: Path, gen_cpu: Optional[int], srv_cpu: Optional[int],
+                 workdir: Path):
+        self.server, self.generator, self.ca = server, generator, ca
+        self.gen_cpu, self.srv_cpu, self.workdir = gen_cpu, srv_cpu, workdir
+
+    def snapshot(self) -> dict:
+        return {"t": time.perf_counter(), "ticks": proc_cpu_ticks(self.server.process.pid), "cpus": cpu_times()}
+
+    def run(self, route: str, connections: int, duration: float) -> dict:
+        path, headers = ROUTES[route]
+        pid = self.server.process.pid
+        peak = {"VmRSS": 0, "Threads": 0}
+
+        def sample() -> None:
+            try:
+                status = proc_status(pid)
+            except OSError:
+                return
+            for name in peak:
+                peak[name] = max(peak[name], status.get(name, 0))
+
+        sample()
+        if self.generator == "wrk":
+            command = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+                       f"--timeout", f"{REQUEST_TIMEOUT:g}s"]
+            for name, value in headers.items():
+                command += ["-H", f"{name}: {value}"]
+            command.append(f"https://127.0.0.1:{self.server.port}{path}")
+            command, preexec = pinned(command, self.gen_cpu)
+            before = self.snapshot()
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        else:
+            params = {"port": self.server.port, "path": path, "headers": headers, "connections": connections,
+                      "duration": duration, "cafile": str(self.ca), "timeout": REQUEST_TIMEOUT}
+            command, preexec = pinned([sys.executable, str(Path(__file__).resolve()), "--loadgen",
+                                       json.dumps(params)], self.gen_cpu)
+            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+            if child.stdout.readline().strip() != "ready":
+                child.wait()
+                raise BenchError(f"the load generator failed to start:\n{child.stderr.read()}")
+            before = self.snapshot()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        limit = time.perf_counter() + duration + 60
+        usage = None
+        while usage is None:
+            time.sleep(0.1)
+            sample()
+            # wait4 reaps the generator and gives its CPU time (the Popen object is told the exit code).
+            pid_done, status, rusage = os.wait4(child.pid, os.WNOHANG)
+            if pid_done:
+                usage = rusage
+                child.returncode = os.waitstatus_to_exitcode(status)
+            elif time.perf_counter() > limit:
+                child.kill()
+                child.wait()
+                raise BenchError(f"the load generator ({self.generator}) did not finish within {duration + 60:g}s")
+        after = self.snapshot() if self.server.alive() else None
+        sample()
+        stdout, stderr = child.communicate()
+        if after is None:
+            raise BenchError(f"the server died during {route} c{connections} (exit code "
+                             f"{self.server.process.returncode}):\n{self.server.log_tail()}")
+        if child.returncode != 0 and self.generator == "python":
+            raise BenchError(f"the load generator failed (exit code {child.returncode}):\n{stderr}")
+        if self.generator == "wrk":
+            if child.returncode != 0:
+                raise BenchError(f"wrk failed (exit code {child.returncode}):\n{stdout}\n{stderr}")
+            result = parse_wrk(stdout)
+            result["raw"] = stdout
+        else:
+            result = json.loads(stdout.strip().splitlines()[-1])
+        cpu_s = (after["ticks"] - before["ticks"]) / CLK_TCK
+        gen_cpu_s = result.pop("cpu_s", None)
+        if gen_cpu_s is None:
+            gen_cpu_s = usage.ru_utime + usage.ru_stime
+        requests = result["requests"]
+        result.update({
+            "route": route, "path": path, "connections": connections, "generator": self.generator,
+            "server_cpu_s": cpu_s,
+            "server_cpu_us_per_req": cpu_s / requests * 1e6 if requests else None,
+            # wrk: its whole life (it starts in a few ms); python: measured by the child over the run only
+            # (without the interpreter's start-up).
+            "generator_cpu_s": gen_cpu_s,
+            "generator_cpu_us_per_req": gen_cpu_s / requests * 1e6 if requests else None,
+            "server_core_busy": busy_share(before["cpus"], after["cpus"], self.srv_cpu),
+            "generator_core_busy": busy_share(before["cpus"], after["cpus"], self.gen_cpu),
+            "peak_rss_mb": peak["VmRSS"] / 1024, "peak_threads": peak["Threads"],
+            "wall_s": after["t"] - before["t"],
+        })
+        result["errors"] = sum(result["socket_errors"].values()) + result["non2xx"]
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def fmt_latency(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} us"
+    if value < 1.0:
+        return f"{value * 1e3:.2f} ms" if value < 0.01 else f"{value * 1e3:.1f} ms"
+    return f"{value:.2f} s"
+
+
+def fmt_errors(run: dict) -> str:
+    if not run["errors"]:
+        return "0"
+    parts = [f"{k} {v}" for k, v in run["socket_errors"].items() if v]
+    if run["non2xx"]:
+        parts.append(f"non-2xx {run['non2xx']}")
+    return f"{run['errors']} ({', '.join(parts)})"
+
+
+def fmt_share(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def table(rows: list, headers: list, align: str) -> str:
+    cells = [headers] + rows
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(str(v).rjust(w) if a == "r" else str(v).ljust(w)
+                               for v, w, a in zip(row, widths, align)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_results(runs: list) -> None:
+    rows = []
+    for run in runs:
+        lat = run["latency_s"]
+        rows.append([run["route"], run["connections"], f"{run['rps']:,.0f}", fmt_latency(lat.get("p50")),
+                     fmt_latency(lat.get("p90")), fmt_latency(lat.get("p99")), fmt_errors(run),
+                     "-" if run["server_cpu_us_per_req"] is None else f"{run['server_cpu_us_per_req']:.0f}",
+                     f"{run['peak_rss_mb']:.1f}", run["peak_threads"], fmt_share(run["server_core_busy"]),
+                     fmt_share(run["generator_core_busy"]),
+                     "-" if run["generator_cpu_us_per_req"] is None else f"{run['generator_cpu_us_per_req']:.0f}"])
+    print(table(rows, ["route", "conns", "req/s", "p50", "p90", "p99", "errors", "srv CPU us/req",
+                       "peak RSS MB", "threads", "srv core", "gen core", "gen CPU us/req"], "lrrrrrlrrrrrr"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python3 tests/bench.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark the real reqapi.py over HTTPS on this machine: start-up time, idle RSS,\n"
+                    "and for each route and keep-alive connection count: req/s, p50/p90/p99 latency,\n"
+                    "errors, server CPU per request and peak RSS.",
+        epilog="load generator:\n"
+               "  wrk when installed (apt-get install wrk), run as `wrk -t1 -cN -dDs --latency`;\n"
+               "  otherwise (or with --generator python) a standard-library epoll client in a child\n"
+               "  process: N non-blocking TLS connections, one request in flight on each.\n"
+               "pinning:\n"
+               "  the server runs on the first allowed CPU (taskset -c 0), the generator and this\n"
+               "  harness on the second, when there are two or more.\n"
+               "certificates:\n"
+               "  an ECDSA P-256 CA and server certificate from the openssl command (or trustme),\n"
+               "  in a temporary directory removed at the end (see --keep), with the rules file and\n"
+               "  the server's log.\n"
+               "examples:\n"
+               "  python3 tests/bench.py --quick\n"
+               "  python3 tests/bench.py --generator python --routes object --connections 16\n"
+               "  python3 tests/bench.py --server-args='--max-connections 512' --log-level warning\n"
+               "exit status: 0 done, 1 the server failed to start or died, 2 bad options.")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 10; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="2 s runs and a 1 s warm-up")
+    parser.add_argument("--connections", default="1,16,256", help="keep-alive connection counts (default 1,16,256)")
+    parser.add_argument("--routes", default="object,discovery,table",
+                        help="routes to drive, from: object, discovery, table (default: all three)")
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
+                        help="auto = wrk if installed, else python (default auto)")
+    parser.add_argument("--server-args", default="", metavar="'FLAGS'",
+                        help="extra reqapi flags as one shell-quoted string; write it with '=' since it starts "
+                             "with '--': --server-args='--max-connections 512'")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                        help="reqapi's --log-level (default: not given, i.e. the server's own default, which "
+                             "logs a line per request)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of uncounted load (object route, 16 connections) before the runs "
+                             "(default 2; 1 with --quick; 0 = none)")
+    parser.add_argument("--json", metavar="FILE", help="write the raw results (machine, start-up, every run) here")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the generator to CPUs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (certificates, "
+                                                             "rules, server log) and print where it is")
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loadgen:
+        return args
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 10.0
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 2.0
+    if args.duration <= 0 or args.warmup < 0:
+        parser.error("--duration must be > 0 and --warmup >= 0")
+    try:
+        args.connection_counts = [int(part) for part in args.connections.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--connections: a comma-separated list of integers, not {args.connections!r}")
+    if not args.connection_counts or min(args.connection_counts) < 1:
+        parser.error("--connections: at least one count, each >= 1")
+    args.route_names = [part.strip() for part in args.routes.split(",") if part.strip()]
+    unknown = [name for name in args.route_names if name not in ROUTES]
+    if unknown or not args.route_names:
+        parser.error(f"--routes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROUTES)}")
+    try:
+        args.extra = shlex.split(args.server_args)
+    except ValueError as error:
+        parser.error(f"--server-args: {error}")
+    if args.generator == "wrk" and not shutil.which("wrk"):
+        parser.error("--generator wrk: wrk is not installed (apt-get install wrk)")
+    return args
+
+
+def main(argv: list) -> int:
+    args = parse_args(argv)
+    if args.loadgen:
+        return loadgen_child(args.loadgen)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)     # progress lines show up as runs finish
+    if not REQAPI.exists():
+        print(f"bench: {REQAPI} not found", file=sys.stderr)
+        return 1
+    wrk = shutil.which("wrk")
+    generator = args.generator if args.generator != "auto" else ("wrk" if wrk else "python")
+    machine = machine_info()
+    if wrk:
+        version = subprocess.run([wrk, "-v"], capture_output=True, text=True)
+        said = (version.stdout or version.stderr).strip()
+        machine["wrk"] = said.splitlines()[0].split(" Copyright")[0] if said else "wrk (version unknown)"
+    srv_cpu, gen_cpu, pin_how = choose_cpus(args.no_pin)
+    if gen_cpu is not None:
+        os.sched_setaffinity(0, {gen_cpu})      # this harness (and the startup probe) share the generator's CPU
+
+    level_flag = args.log_level
+    for n, flag in enumerate(args.extra):
+        if flag == "--log-level" and n + 1 < len(args.extra):
+            level_flag = args.extra[n + 1]
+        elif flag.startswith("--log-level="):
+            level_flag = flag.split("=", 1)[1]
+    if level_flag:
+        level_text = f"{level_flag} (--log-level {level_flag})"
+    else:
+        level_text = f"{server_default_log_level()} (the server's default: no --log-level given)"
+
+    print("reqapi benchmark")
+    print(f"  machine     : {machine['cpu_model']}, {machine['cores']} cores"
+          f"{'' if 'mem_total_gib' not in machine else ', %.1f GiB RAM' % machine['mem_total_gib']}")
+    print(f"  system      : {machine.get('os', '?')}, kernel {machine['kernel']}, load average "
+          f"{machine.get('loadavg_at_start', '?')}")
+    print(f"  python      : {machine['python']} ({sys.executable}), {machine['openssl_python']}")
+    print(f"  pinning     : " + (f"server on CPU {srv_cpu}, generator and harness on CPU {gen_cpu} ({pin_how})"
+                                 if srv_cpu is not None else pin_how))
+    if generator == "wrk":
+        print(f"  generator   : {machine['wrk']}: wrk -t1 -cN -d{args.duration:g}s --latency")
+    else:
+        print(f"  generator   : standard-library epoll client (one child process, N non-blocking TLS "
+              f"connections, one request in flight each)")
+        if not wrk:
+            print(f"                wrk is not installed: install it with `apt-get install wrk` to use wrk")
+    print(f"  runs        : {args.duration:g} s each, routes {','.join(args.route_names)}, connections "
+          f"{','.join(map(str, args.connection_counts))}, warm-up {args.warmup:g} s, {PAUSE:g} s pause")
+    print(f"  server log  : level {level_text}; written to a file")
+
+    workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-"))
+    server: Optional[Server] = None
+    results: dict = {"machine": machine, "config": {
+        "duration_s": args.duration, "connections": args.connection_counts, "routes": args.route_names,
+        "generator": generator, "server_args": args.extra, "log_level": level_text, "warmup_s": args.warmup,
+        "pinning": {"server_cpu": srv_cpu, "generator_cpu": gen_cpu, "how": pin_how}}, "runs": []}
+    code = 0
+    try:
+        ca, cert, key = make_certificates(workdir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(ca))
+
+        rules_path: Optional[Path] = workdir / "rules.json"
+        rules_path.write_text(json.dumps(RULES, indent=2))
+        check = subprocess.run([sys.executable, str(REQAPI), "--rules", str(rules_path), "--check"],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode == 0:
+            rules_note = check.stdout.strip()
+        else:
+            said = ((check.stderr or check.stdout).strip().splitlines() or ["no message"])[-1]
+            rules_note = (f"REFUSED by this reqapi.py ({said}); running with its built-in default rules, "
+                          f"so the Table list may have no rows")
+            rules_path = None
+        print(f"  rules       : {rules_note}")
+        results["config"]["rules"] = rules_note
+
+        server = Server(workdir, cert, key, rules_path, args.log_level, args.extra, srv_cpu)
+        startup_ms = server.start(context, ROUTES["object"][0])
+        print(f"  command     : {shlex.join(server.command)}")
+        time.sleep(1.0)
+        idle = proc_status(server.process.pid)
+        results["startup_ms"] = startup_ms
+        results["idle_rss_mb"] = idle["VmRSS"] / 1024
+        results["idle_threads"] = idle["Threads"]
+        results["tls"] = server.tls
+        print(f"  TLS         : {server.tls}, ECDSA P-256 certificate")
+        print()
+        print(f"start-up: {startup_ms:.0f} ms (process start -> first 200 response, in-process probe)")
+        print(f"idle RSS: {idle['VmRSS'] / 1024:.1f} MB (1 s after the first response), {idle['Threads']} threads")
+
+        checks = {}
+        for name in args.route_names:
+            path, headers = ROUTES[name]
+            answer = https_get(context, server.port, path, headers)
+            entry = {"status": answer["status"], "content_type": answer["headers"].get("content-type", ""),
+                     "body_bytes": len(answer["body"])}
+            if name == "table" and answer["status"] == 200:
+                try:
+                    entry["rows"] = len(json.loads(answer["body"]).get("rows", []))
+                except ValueError:
+                    entry["rows"] = None
+            checks[name] = entry
+            extra = f", {entry['rows']} rows" if "rows" in entry else ""
+            warn = "" if answer["status"] == 200 else "   <-- not 200: its runs will count errors"
+            print(f"route {name:<9}: GET {path} -> {answer['status']} {entry['content_type']}, "
+                  f"{entry['body_bytes']} bytes{extra}{warn}")
+        results["route_checks"] = checks
+
+        runner = Runner(server, generator, ca, gen_cpu, srv_cpu, workdir)
+        if args.warmup > 0:
+            runner.run("object", 16, args.warmup)
+            time.sleep(PAUSE)
+        print()
+        total = len(args.connection_counts) * len(args.route_names)
+        n = 0
+        for connections in args.connection_counts:
+            for route in args.route_names:
+                n += 1
+                run = runner.run(route, connections, args.duration)
+                results["runs"].append(run)
+                lat = run["latency_s"]
+                print(f"[{n}/{total}] {route} c{connections}: {run['rps']:,.0f} req/s, p50 "
+                      f"{fmt_latency(lat.get('p50'))}, p99 {fmt_latency(lat.get('p99'))}, errors {fmt_errors(run)}",
+                      flush=True)
+                time.sleep(PAUSE)
+        print()
+        print_results(results["runs"])
+        print()
+        print(f"start-up {startup_ms:.0f} ms, idle RSS {results['idle_rss_mb']:.1f} MB; errors = socket errors "
+              f"(connect/read/write/timeout) + non-2xx" + (" (wrk: status >= 400)" if generator == "wrk" else "")
+              + ";\nlatency = from the request's first write to its last byte; srv CPU = the server's utime+stime "
+              "per request; srv core / gen core = busy share of the server's and the generator's CPU during the "
+              "run\n(other processes on those CPUs included); gen CPU = the generator's own CPU time per request.")
+    except BenchError as error:
+        print(f"\nbench: {error}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        if server is not None and server.process is not None:
+            rss_hwm = None
+            try:
+                rss_hwm = proc_status(server.process.pid).get("VmHWM")
+            except OSError:
+                pass
+            exit_code = server.stop()
+            summary = server.log_summary()
+            results["server"] = {"exit_code": exit_code, "rss_high_water_mb": rss_hwm and rss_hwm / 1024,
+                                 "log": summary, "command": server.command}
+            if code == 0:
+                print(f"server: level {level_text}; log {summary['lines']} lines ({summary['bytes'] / 1e6:.1f} MB), "
+                      f"{summary['error_lines']} ERROR lines, {summary['tracebacks']} tracebacks; "
+                      f"VmHWM {rss_hwm / 1024 if rss_hwm else 0:.1f} MB; exit code after SIGTERM {exit_code}")
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                print(f"raw results: {args.json}")
+            except OSError as error:
+                print(f"bench: cannot write {args.json}: {error}", file=sys.stderr)
+        if args.keep:
+            print(f"kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
