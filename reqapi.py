@@ -23,9 +23,11 @@ The module reads top to bottom in dependency order:
 3. API objects and documents     (pure data builders: objects, lists, tables, discovery, OpenAPI, Status)
 4. request identity              (front-proxy and client certificates, delegated authorization)
 5. endpoints                     (one function per route, and the route table)
-6. the HTTP handler              (thin: parse, route, call, write)
-7. the server lifecycle          (TLS, connections, reloads, signals, shutdown)
-8. the command line
+6. the application               (rules generations, identity, readiness: state without sockets)
+7. logs and metrics
+8. the HTTP handler              (thin: parse, route, call, write)
+9. the server lifecycle          (TLS, connections, deadlines, reloads, signals, shutdown)
+10. the command line
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ CATEGORIES = ["wujiuye"]
 RULE_ANNOTATION = f"{GROUP}/rule"
 QUALIFIED_RESOURCE = f"{RESOURCE}.{GROUP}"
 
-# ---- Quantities and names ----
+# ---------------------------------------------------------------------------
+# Quantities and names (pure functions)
+# ---------------------------------------------------------------------------
 #
 # parse_quantity follows kubernetes/apimachinery pkg/api/resource ParseQuantity:
 #   <quantity> ::= <sign>? <number> <suffix>
@@ -337,7 +341,9 @@ def name_problem(segment: str) -> str | None:
     return _dns_problem(segment, _DNS1123_SUBDOMAIN_RE, DNS1123_SUBDOMAIN_MAX_LENGTH, _DNS1123_SUBDOMAIN_MSG)
 
 
-# ---- The predictor ----
+# ---------------------------------------------------------------------------
+# The predictor (pure: rules in, prediction out)
+# ---------------------------------------------------------------------------
 #
 # A rules file (JSON) is validated and compiled once by parse_rules/load_rules into an
 # immutable Rules; predict() is then a dict lookup and a few precompiled regex matches
@@ -1978,14 +1984,13 @@ def build_static_documents() -> dict:
 
 # Non-resource endpoints
 
-def endpoint_root(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["root"])
-
-
-def endpoint_version(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["version"])
+def document_endpoint(key: str) -> Callable:
+    """An endpoint serving one of the documents built at start-up, as JSON, with its ETag."""
+    def endpoint(app: "Application", request: Request) -> Response:
+        negotiate_plain_json(request)
+        return serve_static(request, app.documents[key])
+    endpoint.__name__ = f"document_{key}"
+    return endpoint
 
 
 def endpoint_core_api(app: "Application", request: Request) -> Response:
@@ -1997,26 +2002,6 @@ def endpoint_core_api(app: "Application", request: Request) -> Response:
 def endpoint_apis(app: "Application", request: Request) -> Response:
     variant = negotiate_discovery(request)
     return serve_static(request, app.documents[f"apis:{variant or 'legacy'}"])
-
-
-def endpoint_group(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["group"])
-
-
-def endpoint_resources(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["resources"])
-
-
-def endpoint_openapi_v2(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["openapi:v2"])
-
-
-def endpoint_openapi_v3_root(app: "Application", request: Request) -> Response:
-    negotiate_plain_json(request)
-    return serve_static(request, app.documents["openapi:v3:root"])
 
 
 def endpoint_openapi_v3(app: "Application", request: Request) -> Response:
@@ -2293,7 +2278,7 @@ class Route(NamedTuple):
 
 
 ROUTES = (
-    Route((), endpoint_root, "discovery"),
+    Route((), document_endpoint("root"), "discovery"),
     Route(("healthz",), endpoint_health, "public"),
     Route(("livez",), endpoint_health, "public"),
     Route(("readyz",), endpoint_health, "public"),
@@ -2301,18 +2286,18 @@ ROUTES = (
     Route(("livez", "{check}"), endpoint_health, "public"),
     Route(("readyz", "{check}"), endpoint_health, "public"),
     Route(("metrics",), endpoint_metrics, "public"),
-    Route(("version",), endpoint_version, "discovery"),
+    Route(("version",), document_endpoint("version"), "discovery"),
     Route(("api",), endpoint_core_api, "discovery"),
     Route(("apis",), endpoint_apis, "discovery"),
-    Route(("apis", GROUP), endpoint_group, "discovery"),
-    Route(("apis", GROUP, VERSION), endpoint_resources, "discovery"),
+    Route(("apis", GROUP), document_endpoint("group"), "discovery"),
+    Route(("apis", GROUP, VERSION), document_endpoint("resources"), "discovery"),
     Route(("apis", GROUP, VERSION, RESOURCE), endpoint_list, "resource"),
     Route(("apis", GROUP, VERSION, "namespaces", "{namespace}", RESOURCE), endpoint_list, "resource"),
     Route(("apis", GROUP, VERSION, "namespaces", "{namespace}", RESOURCE, "{name}"), endpoint_get, "resource"),
     Route(("apis", GROUP, VERSION, "watch", RESOURCE), endpoint_list, "resource"),
     Route(("apis", GROUP, VERSION, "watch", "namespaces", "{namespace}", RESOURCE), endpoint_list, "resource"),
-    Route(("openapi", "v2"), endpoint_openapi_v2, "discovery"),
-    Route(("openapi", "v3"), endpoint_openapi_v3_root, "discovery"),
+    Route(("openapi", "v2"), document_endpoint("openapi:v2"), "discovery"),
+    Route(("openapi", "v3"), document_endpoint("openapi:v3:root"), "discovery"),
     Route(("openapi", "v3", "apis", GROUP, VERSION), endpoint_openapi_v3, "discovery"),
 )
 
@@ -2363,6 +2348,10 @@ def parse_field_selector_quietly(text: str) -> tuple:
     except SelectorError:
         return ()
 
+
+# ---------------------------------------------------------------------------
+# The application: rules generations, identity, readiness (state, but no sockets)
+# ---------------------------------------------------------------------------
 
 class Generation:
     """One loaded set of rules and what follows from it.  Immutable once built, except for its
@@ -2862,6 +2851,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.closed = False
         self.close_lock = threading.Lock()
         self.leftover = b""
+        self.must_linger = False
         self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.raw.settimeout(None)
         self.server.track(self, True)
@@ -2903,11 +2893,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 if head is None:
                     return
                 if not self.answer(head, buffer):
+                    if self.must_linger:
+                        self.linger()
                     return
                 buffer = self.leftover
         except BadRequest as error:
             self.write_response(error.error.response(), close=True, method="GET")
             self.log_failure(error.error.code)
+            self.linger()
         except (OSError, ssl.SSLError, ValueError):
             return              # timeouts, resets, TLS errors: the connection is gone
 
@@ -2993,6 +2986,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if has_body:
                 # reqapi takes no bodies; closing is the only safe way to skip one we will not read.
                 close = True
+                self.must_linger = True
                 length = request.headers.get("content-length", "0")
                 if not length.isdigit() and "transfer-encoding" not in request.headers:
                     raise HTTPError(400, "BadRequest", f"invalid Content-Length {length[:20]!r}")
@@ -3076,6 +3070,22 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             close = getattr(watch.events, "close", None)
             if close:
                 close()
+
+    def linger(self) -> None:
+        """Close after an error answer without losing it: a client still sending (a body we will
+        not read, an oversized head) would otherwise get a TCP reset that can discard the answer
+        before it reads it.  Send FIN, then read and drop what comes, for a second at most."""
+        try:
+            self.tls.shutdown(socket.SHUT_WR)        # the TLS layer is done; what follows is TCP
+            self.tls.settimeout(0.25)
+            deadline, dropped = time.monotonic() + 1.0, 0
+            while time.monotonic() < deadline and dropped < MAX_HEAD_BYTES * 16:
+                data = self.tls.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except (OSError, ValueError):
+            pass
 
     def client_gone(self) -> bool:
         """During a watch: has the client closed the connection?  (kubectl just closes it at
@@ -3166,6 +3176,14 @@ def file_signature(path: str) -> Optional[tuple]:
     except OSError:
         return None
     return (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def file_digest(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
 
 
 def read_ca_file(path: str, flag: str) -> str:
@@ -3389,7 +3407,7 @@ class Reloader:
 
     def start(self) -> None:
         for path in self.watched_files():
-            self.signatures[path] = file_signature(path)
+            self.signatures[path] = (file_signature(path), file_digest(path))
         threading.Thread(target=self.run, name="reloader", daemon=True).start()
 
     def watched_files(self) -> list:
@@ -3399,21 +3417,26 @@ class Reloader:
         return files
 
     def run(self) -> None:
+        forced = False
         while not self.stop.is_set():
-            forced = self.wake.is_set()
-            self.wake.clear()
             try:
                 self.check(forced)
             except Exception:          # never let the reloader die: log and try again next time
                 self.app.log.log("error", "reload failed", traceback=_traceback_text())
-            self.wake.wait(self.args.reload_interval)
+            forced = self.wake.wait(self.args.reload_interval)
+            # Cleared before the files are read: a SIGHUP from now on wakes the next round.
+            self.wake.clear()
 
     def changed(self, path: str, forced: bool) -> bool:
+        """Has the file's content changed?  The cheap signature is compared first; the content
+        only when the signature moved or a SIGHUP asked (so touching a file reloads nothing)."""
         signature = file_signature(path)
-        if forced or signature != self.signatures.get(path):
-            self.signatures[path] = signature
-            return True
-        return False
+        old_signature, old_digest = self.signatures.get(path, (None, None))
+        if signature == old_signature and not forced:
+            return False
+        digest = file_digest(path)
+        self.signatures[path] = (signature, digest)
+        return digest != old_digest
 
     def check(self, forced: bool = False) -> None:
         if self.args.rules and self.changed(self.args.rules, forced):

@@ -122,7 +122,9 @@ class Server:
         env = dict(os.environ)
         env.pop("KUBERNETES_SERVICE_HOST", None)
         env.update(self.env or {})
-        command = [sys.executable, str(REQAPI), "--cert", str(self.certs.cert_file), "--key",
+        # REQAPI_PYTHON runs the server under another interpreter (CI uses it for Python 3.13,
+        # the version in the distroless image) while the tests themselves stay on this one.
+        command = [os.environ.get("REQAPI_PYTHON", sys.executable), str(REQAPI), "--cert", str(self.certs.cert_file), "--key",
                    str(self.certs.key_file), "--port", "0", "--bind-address", "127.0.0.1", *self.args]
         self.log_handle = open(self.log_file, "ab")
         self.process = subprocess.Popen(command, stdout=self.log_handle, stderr=subprocess.STDOUT, env=env)

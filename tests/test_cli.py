@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from conftest import REQAPI, RULES, wait_until, write_rules
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REQAPI), *args], capture_output=True, text=True, timeout=timeout)
+    python = os.environ.get("REQAPI_PYTHON", sys.executable)
+    return subprocess.run([python, str(REQAPI), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_explains_every_flag():
@@ -93,7 +95,8 @@ def test_cert_without_key_is_refused(certs):
 def test_without_certificates_it_makes_a_throwaway_one_and_says_how_to_curl(tmp_path):
     log = tmp_path / "log"
     with open(log, "wb") as handle:
-        process = subprocess.Popen([sys.executable, str(REQAPI), "--port", "0", "--bind-address", "127.0.0.1"],
+        process = subprocess.Popen([os.environ.get("REQAPI_PYTHON", sys.executable), str(REQAPI), "--port", "0",
+                                    "--bind-address", "127.0.0.1"],
                                    stdout=handle, stderr=subprocess.STDOUT)
     try:
         found = wait_until(lambda: re.search(r"try: curl --cacert (\S+) https://localhost:(\d+)(\S+)",

@@ -105,6 +105,11 @@ class Raw:
             return True
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
             return False
+        except ssl.SSLError as error:
+            # e.g. BAD_LENGTH: OpenSSL refusing to retry a write the closed peer left half-done
+            if "BAD_LENGTH" in str(error) or "bad length" in str(error):
+                return False
+            raise
 
     def _fill(self) -> None:
         if self.eof:

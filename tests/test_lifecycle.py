@@ -143,7 +143,6 @@ def test_rotation_under_load_fails_no_request(start_server, tmp_path):
     certs = Certs(tmp_path / "rotating")
     server = start_server("--reload-interval", "0.1s", server_certs=certs)
     failures, done, count = [], threading.Event(), [0]
-    trusted = Certs.__new__(Certs)
 
     def load():
         while not done.is_set():
