@@ -2121,6 +2121,22 @@ def endpoint_list(app: "Application", request: Request):
     fields, labels = list_selection(request, namespace)
     if request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]:
         return watch_collection(app, request, namespace, fields, labels)
+    # A list is a function of the rules, the query, the Accept header and the second (its
+    # timestamps): kubectl and controllers ask the same question often, so answers are memoised.
+    generation = app.generation
+    key = (request.path, tuple(sorted((k, tuple(v)) for k, v in request.query.items() if k != "timeout")),
+           request.headers.get("accept", ""), int(time.time()))
+    response = generation.lists.get(key)
+    if response is None:
+        response = list_response(app, request, namespace, fields, labels)
+        if len(generation.lists) >= 1024:
+            generation.lists.clear()
+        generation.lists[key] = response
+    return response
+
+
+def list_response(app: "Application", request: Request, namespace: Optional[str], fields: tuple,
+                  labels: tuple) -> Response:
     mode, table_version = negotiate_object(request)
     include = include_object_of(request) if mode == "table" else ""
     generation = app.generation
@@ -2365,6 +2381,7 @@ class Generation:
         self.named = {(ns, name): predict(rules, ns, name) for ns, name in named_workloads(rules)}
         self.predictions: dict = {}
         self.objects: dict = {}
+        self.lists: dict = {}
 
     def prediction(self, namespace: str, name: str) -> Prediction:
         key = (namespace, name)
