@@ -2416,9 +2416,7 @@ class Application:
         self.authorizer: Optional[DelegatedAuthorizer] = None
         self.shutting_down = False
         self.draining = False
-        self.certificate = ""
         self.tls_refused: Optional[str] = None
-        self.accept_cache: dict = {}
 
     # rules
 
@@ -3652,6 +3650,11 @@ def serve(args: argparse.Namespace, log: Logger, rules: Rules) -> int:
                 "In a cluster reqapi reads kube-system/extension-apiserver-authentication by itself; elsewhere "
                 "set --requestheader-client-ca-file and/or --client-ca-file")
     stop = threading.Event()
+    # Signals must reach the main thread, which is the one blocked in stop.wait() below: a signal
+    # taken by another thread only sets a flag, and the main thread would not see it until its wait
+    # ended.  So every thread started from here on inherits a mask that blocks them.
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     log.start_background_writer()
     # With a thread per connection, the default 5 ms GIL switch interval lets handler threads
     # convoy behind one another (measured: a bimodal 4.5k/18k req/s); 1 ms keeps hand-offs short.
@@ -3661,7 +3664,8 @@ def serve(args: argparse.Namespace, log: Logger, rules: Rules) -> int:
                      daemon=True).start()
     threading.Thread(target=server.reap, name="reaper", daemon=True).start()
     reloader.start()
-    while not stop.wait(3600):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+    while not stop.wait(1.0):           # short waits as well: signal handlers run between them
         pass
     # Shutdown: /readyz already fails; keep serving while endpoints are removed, then drain.
     log.log("info", "shutting down: /readyz now fails; still serving", delay=f"{args.shutdown_delay:g}s")
