@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import select
 import signal
 import socket
 import ssl
@@ -1644,13 +1643,14 @@ def peer_certificate(tls_socket: ssl.SSLSocket) -> Optional[PeerCertificate]:
     # Public in Python 3.13 (SSLSocket.get_verified_chain); the same method on the
     # internal object since 3.10.
     getter = getattr(tls_socket, "get_verified_chain", None) or tls_socket._sslobj.get_verified_chain
-    chain = getter()
-    anchor = chain[-1]
+    chain = getter() or []
+    anchor = chain[-1] if chain else b""      # no verified chain (e.g. a resumed session): trust nothing
     if not isinstance(anchor, bytes):
         anchor = anchor.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
     subject = leaf.get("subject", ())
     names = _subject_values(subject, "commonName")
-    return PeerCertificate(anchor, names[0] if names else "", tuple(_subject_values(subject, "organizationName")))
+    # Go's pkix.Name keeps the last CN when a subject has several; so does kube-apiserver.
+    return PeerCertificate(anchor, names[-1] if names else "", tuple(_subject_values(subject, "organizationName")))
 
 
 class AuthFailure(NamedTuple):
@@ -1696,7 +1696,9 @@ def authenticate(config: AuthConfig, peer: Optional[PeerCertificate], header_ite
                                 "front-proxy", uid)
             problems.append(f"the front-proxy client certificate came without a user header "
                             f"({', '.join(config.username_headers) or 'none configured'})")
-    if peer is not None and peer.anchor in client_ders:
+    if peer is not None and peer.anchor in client_ders and not peer.common_name:
+        problems.append("the client certificate has no CN (common name), which would be the user name")
+    elif peer is not None and peer.anchor in client_ders:
         groups = tuple(peer.organizations) + ("system:authenticated",)
         return Identity(peer.common_name, groups, (), "client-cert")
     if peer is None:
@@ -2411,8 +2413,7 @@ class Application:
         self.generation = Generation(DEFAULT_RULES)
         self.history: OrderedDict = OrderedDict([(self.generation.resource_version, self.generation)])
         self.rules_refused: Optional[str] = None
-        self.auth = AuthConfig()
-        self.auth_ders = (frozenset(), frozenset())
+        self.auth_state = (AuthConfig(), frozenset(), frozenset())
         self.auth_problem: Optional[str] = None
         self.authorizer: Optional[DelegatedAuthorizer] = None
         self.shutting_down = False
@@ -2466,15 +2467,21 @@ class Application:
     # identity
 
     def set_auth(self, config: AuthConfig) -> None:
-        self.auth_ders = (config.requestheader_ders, config.client_ders)
-        self.auth = config
+        # One assignment, so a request never pairs one configuration's header names with
+        # another's CA certificates.
+        self.auth_state = (config, config.requestheader_ders, config.client_ders)
         self.auth_problem = None
 
+    @property
+    def auth(self) -> AuthConfig:
+        return self.auth_state[0]
+
     def identify(self, request: Request, peer: Optional[PeerCertificate]) -> Identity:
-        if self.auth_problem is not None and not self.auth.enabled:
+        config, requestheader_ders, client_ders = self.auth_state
+        if self.auth_problem is not None and not config.enabled:
             raise HTTPError(503, "ServiceUnavailable", f"reqapi cannot authenticate requests yet: "
                             f"{self.auth_problem}", retry_after=10)
-        result = authenticate(self.auth, peer, request.header_items, *self.auth_ders)
+        result = authenticate(config, peer, request.header_items, requestheader_ders, client_ders)
         if isinstance(result, AuthFailure):
             raise HTTPError(401, "Unauthorized", result.message)
         return result
@@ -2529,15 +2536,26 @@ class Application:
         return warnings
 
 
-def dispatch(app: Application, index: dict, request: Request, peer: Optional[PeerCertificate]):
-    """Route, authenticate, authorize and call: the whole life of a request except its bytes."""
+def dispatch(app: Application, index: dict, request: Request, peer: Optional[PeerCertificate],
+             has_body: bool = False):
+    """Route, authenticate, authorize and call: the whole life of a request except its bytes.
+    Authentication comes first, so that a stranger learns nothing, not even which paths exist."""
     found = match_route(index, request.segments)
+    if found is None or found[0].kind != "public":
+        request.identity = app.identify(request, peer)
+    if has_body:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() and "transfer-encoding" not in request.headers:
+            raise HTTPError(400, "BadRequest", f"invalid Content-Length {length[:20]!r}")
+        if request.method in ("GET", "HEAD"):
+            raise HTTPError(400, "BadRequest", f"{request.method} requests must not have a body; "
+                            f"reqapi's API is read-only and takes no request bodies")
+        raise HTTPError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
+                        "resource: reqapi is read-only and takes no request bodies", {}, (("Allow", "GET, HEAD"),))
     if found is None:
         raise not_found_path()
     route, request.params = found
     request.route_kind = route.kind
-    if route.kind != "public":
-        request.identity = app.identify(request, peer)
     if request.method not in ("GET", "HEAD"):
         raise HTTPError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
                         f"resource: reqapi is read-only ({request.method} is not allowed; use GET: get, list, "
@@ -2869,7 +2887,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.leftover = b""
         self.must_linger = False
         self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP keep-alive finds peers that vanished without a FIN (a watch writes nothing for long).
+        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                self.raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         self.raw.settimeout(None)
+        self.verifies = False
         self.server.track(self, True)
 
     def set_deadline(self, seconds: float) -> None:
@@ -2900,8 +2924,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             self.peer = peer_certificate(self.tls)
-        except (ValueError, ssl.SSLError, AttributeError, IndexError):
+        except (ValueError, ssl.SSLError, AttributeError, IndexError, TypeError):
             self.peer = None
+        self.verifies = self.tls.context.verify_mode != ssl.CERT_NONE
         buffer = b""
         try:
             while True:
@@ -2998,21 +3023,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         close = connection == "close" or (request.version == "HTTP/1.0" and connection != "keep-alive")
         has_body = request.headers.get("content-length", "0") not in ("0", "") or "transfer-encoding" in request.headers
         self.busy = True
+        if has_body:
+            # reqapi takes no bodies; closing is the only safe way to skip one we will not read.
+            close = True
+            self.must_linger = True
+        if not self.verifies and app.auth.enabled:
+            close = True            # opened before client certificates were asked for: reconnect
         try:
-            if has_body:
-                # reqapi takes no bodies; closing is the only safe way to skip one we will not read.
-                close = True
-                self.must_linger = True
-                length = request.headers.get("content-length", "0")
-                if not length.isdigit() and "transfer-encoding" not in request.headers:
-                    raise HTTPError(400, "BadRequest", f"invalid Content-Length {length[:20]!r}")
-                if request.method in ("GET", "HEAD"):
-                    raise HTTPError(400, "BadRequest", f"{request.method} requests must not have a body; "
-                                    f"reqapi's API is read-only and takes no request bodies")
-                raise HTTPError(405, "MethodNotAllowed", "the server does not allow this method on the "
-                                "requested resource: reqapi is read-only and takes no request bodies", {},
-                                (("Allow", "GET, HEAD"),))
-            result = dispatch(app, self.server.routes, request, self.peer)
+            result = dispatch(app, self.server.routes, request, self.peer, has_body)
         except HTTPError as error:
             result = error.response()
         except Exception as error:      # a bug: answer 500 without a traceback, log it with one
@@ -3065,8 +3083,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.set_deadline(app.config.write_timeout)
             self.tls.sendall(head)
             if request.method == "HEAD":
-                self.tls.sendall(b"0\r\n\r\n")
-                return True
+                return True                 # a HEAD answer has no body, not even a last chunk
             for event in watch.events:
                 if event is None:
                     if self.client_gone():
@@ -3106,10 +3123,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def client_gone(self) -> bool:
         """During a watch: has the client closed the connection?  (kubectl just closes it at
         --request-timeout.)  Bytes it sent meanwhile are kept for the next request."""
-        if not select.select([self.tls], [], [], 0)[0] and not self.tls.pending():
-            return False
         try:
-            self.tls.setblocking(False)
+            self.tls.setblocking(False)     # (select() cannot watch descriptors above 1023)
             data = self.tls.recv(65536)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return False                    # e.g. a TLS record that held no application data
@@ -3120,7 +3135,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if not data:
             return True
         self.leftover += data
-        return False
+        return len(self.leftover) > MAX_HEAD_BYTES      # a client flooding a watch is cut off
 
     def log_failure(self, code: int) -> None:
         self.server.app.metrics.observe("UNKNOWN", "", code, 0.0)
@@ -3182,6 +3197,14 @@ def build_tls_context(cert_file: str, key_file: str, auth: AuthConfig) -> ssl.SS
             raise ConfigError(f"{auth.source}: the CA bundle cannot be loaded ({error}); it must hold PEM "
                               f"certificates") from None
         context.verify_mode = ssl.CERT_OPTIONAL
+        # A chain ends at the first certificate of a bundle, as in Go, even when that is an
+        # intermediate CA: the anchor then tells which bundle vouched for the client.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        # A resumed TLS session carries no verified chain to tell which CA vouched for the client,
+        # so sessions are not resumed when client certificates matter (kube-apiserver keeps its
+        # connections open anyway).
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 
@@ -3357,24 +3380,13 @@ class ReqapiServer(http.server.ThreadingHTTPServer):
             self.lock.notify_all()
 
     def close_idle_connections(self) -> int:
-        """Wake connections waiting for a next request so that they close (used when draining)."""
-        closed = 0
+        """Wake connections waiting for a next request so that they close (the last step of a
+        drain that ran out of time)."""
         with self.lock:
-            handlers = list(self.connections)
+            handlers = [handler for handler in self.connections if handler.idle]
         for handler in handlers:
-            if handler.idle and handler.tls is not None:
-                try:
-                    # shutdown() on a duplicate descriptor wakes the blocked recv without touching
-                    # the SSL object another thread is using.
-                    duplicate = socket.socket(fileno=os.dup(handler.tls.fileno()))
-                    try:
-                        duplicate.shutdown(socket.SHUT_RDWR)
-                    finally:
-                        duplicate.close()
-                    closed += 1
-                except OSError:
-                    pass
-        return closed
+            handler.expire()
+        return len(handlers)
 
     def reap(self) -> None:
         """Enforce every connection's deadline (handshake, idle, request head, write), a few
@@ -3459,18 +3471,17 @@ class Reloader:
             self.reload_rules()
         tls_changed = any([self.changed(path, forced) for path in self.watched_files()
                            if path != self.args.rules])
-        auth_changed = False
+        new_auth = None
         if self.kube is not None and (forced or time.monotonic() >= self.next_auth_refresh):
-            auth_changed = self.refresh_in_cluster_auth()
+            new_auth = self.fetch_in_cluster_auth()
         elif tls_changed and self.app.auth.source == "flags":
             try:
-                self.app.set_auth(auth_config_from_flags(self.args))
-                auth_changed = True
+                new_auth = auth_config_from_flags(self.args)
             except ConfigError as error:
                 self.refuse_tls(str(error))
                 return
-        if tls_changed or auth_changed:
-            self.reload_tls()
+        if tls_changed or new_auth is not None:
+            self.reload_tls(new_auth)
 
     def reload_rules(self) -> None:
         app, path = self.app, self.args.rules
@@ -3487,13 +3498,20 @@ class Reloader:
             app.log.log("info", "rules reloaded", file=path, rules=len(rules.rules),
                         resourceVersion=app.generation.resource_version)
 
-    def reload_tls(self) -> None:
+    def reload_tls(self, auth: Optional[AuthConfig] = None) -> None:
+        """A new TLS context from the current files (and a new authentication configuration, if
+        given).  Both take effect together, or neither does."""
         app = self.app
         try:
-            context = build_tls_context(self.args.cert, self.args.key, app.auth)
+            context = build_tls_context(self.args.cert, self.args.key, auth or app.auth)
         except ConfigError as error:
             self.refuse_tls(str(error))
             return
+        if auth is not None:
+            app.set_auth(auth)
+            app.log.log("info", "authentication configuration loaded", source=auth.source,
+                        allowed_names=",".join(auth.allowed_names) or "(any)",
+                        username_headers=",".join(auth.username_headers), client_ca=bool(auth.client_ca))
         self.server.tls_context = context
         app.tls_refused = None
         summary = certificate_summary(self.args.cert)
@@ -3508,8 +3526,8 @@ class Reloader:
         self.app.metrics.reloaded("tls", "refused")
         self.app.log.log("error", "TLS files refused; the previous certificate and CAs keep serving", error=message)
 
-    def refresh_in_cluster_auth(self) -> bool:
-        """Read kube-system/extension-apiserver-authentication.  True if the configuration changed."""
+    def fetch_in_cluster_auth(self) -> Optional[AuthConfig]:
+        """Read kube-system/extension-apiserver-authentication: the configuration if it changed."""
         app = self.app
         try:
             answer = self.kube.call("GET", "/api/v1/namespaces/kube-system/configmaps/"
@@ -3529,16 +3547,9 @@ class Reloader:
             else:
                 app.log.log("warning", "could not refresh the authentication configuration; the last one keeps "
                             "serving", problem=problem)
-            return False
+            return None
         self.next_auth_refresh = time.monotonic() + self.args.authentication_refresh
-        if config == app.auth:
-            return False
-        app.set_auth(config)
-        app.log.log("info", "authentication configuration loaded", source=config.source,
-                    allowed_names=",".join(config.allowed_names) or "(any)",
-                    username_headers=",".join(config.username_headers),
-                    client_ca=bool(config.client_ca))
-        return True
+        return None if config == app.auth else config
 
 
 def make_self_signed_certificate(log: Logger) -> tuple:
@@ -3622,9 +3633,9 @@ def serve(args: argparse.Namespace, log: Logger, rules: Rules) -> int:
                           f"--port or --bind-address") from None
     reloader = Reloader(server, args, kube_for_auth)
     if kube_for_auth is not None:
-        reloader.refresh_in_cluster_auth()
-        if app.auth.enabled:
-            server.tls_context = build_tls_context(args.cert, args.key, app.auth)
+        loaded = reloader.fetch_in_cluster_auth()
+        if loaded is not None:
+            reloader.reload_tls(loaded)
     summary = certificate_summary(args.cert)
     app.metrics.certificate_expiry = summary["not_after"]
     host, port = server.server_address[:2]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import AGGREGATED_ACCEPT, GV, RULES, TABLE_ACCEPT, wait_until, write_rules
+from conftest import AGGREGATED_ACCEPT, GV, RULES, TABLE_ACCEPT, write_rules
 
 OBJECT = f"{GV}/namespaces/default/requests/web"
 
@@ -532,3 +532,13 @@ def test_silent_client_does_not_delay_others(server):
         started = time.perf_counter()
         assert server.get(OBJECT).status == 200
         assert time.perf_counter() - started < 2.0
+
+
+def test_head_of_a_watch_leaves_the_connection_usable(server):
+    connection = server.connection()
+    connection.request("HEAD", f"{GV}/requests?watch=true&timeoutSeconds=1")
+    response = connection.getresponse()
+    assert response.status == 200 and response.read() == b""
+    connection.request("GET", OBJECT)
+    assert connection.getresponse().status == 200
+    connection.close()

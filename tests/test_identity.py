@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
 import ssl
 import time
@@ -35,6 +37,7 @@ def pki(tmp_path):
         front_proxy_ca_file = front_proxy_file
         client_ca_file = clients_file
         front_proxy_ca = front_proxy
+        client_ca = clients
         proxy = client_cert(front_proxy, directory, "front-proxy-client")
         proxy_wrong_name = client_cert(front_proxy, directory, "someone-else")
         bob = client_cert(clients, directory, "bob", ("devs",))
@@ -354,3 +357,70 @@ def test_delegated_authorization_with_subject_access_reviews(start_server, clust
     assert not [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
     listing = server.get(f"{GV}/namespaces/shop/requests", {"X-Remote-User": "mallory"}, client_cert=pki.proxy)
     assert listing.status == 403 and "cannot list resource" in listing.json()["message"]
+
+
+# Regressions found in review
+
+def test_a_resumed_tls_session_keeps_its_identity(secured, pki):
+    # A resumed session carries no verified chain; reqapi therefore issues no tickets when client
+    # certificates matter, and a reconnecting client is verified again.
+    context = secured.certs.client_context(pki.proxy)
+    request = f"GET {OBJECT} HTTP/1.1\r\nHost: x\r\nX-Remote-User: alice\r\nConnection: close\r\n\r\n".encode()
+
+    def exchange(session=None):
+        with socket.create_connection(("127.0.0.1", secured.port)) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(request)
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                return data, tls.session, tls.session_reused
+
+    first, session, _ = exchange()
+    assert first.startswith(b"HTTP/1.1 200")
+    second, _, reused = exchange(session)
+    assert second.startswith(b"HTTP/1.1 200") and not reused
+
+
+def test_a_front_proxy_ca_that_is_an_intermediate(start_server, tmp_path):
+    import trustme
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    ca_file = tmp_path / "front-proxy-intermediate.pem"
+    intermediate.cert_pem.write_to_path(str(ca_file))
+    proxy = client_cert(intermediate, tmp_path, "front-proxy-client")
+    server = start_server("--requestheader-client-ca-file", str(ca_file),
+                          "--requestheader-allowed-names", "front-proxy-client")
+    assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=proxy).status == 200
+
+
+def test_a_client_certificate_without_cn_is_not_a_user(secured, pki, tmp_path):
+    leaf = pki.client_ca.issue_cert("nocn.client.test", organization_name="system:masters")
+    cert, key = tmp_path / "nocn.pem", tmp_path / "nocn-key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    answer = secured.get(OBJECT, client_cert=(cert, key))
+    assert answer.status == 401 and "no CN" in answer.json()["message"]
+
+
+def test_strangers_learn_nothing_about_paths_or_methods(secured):
+    for method, path, body in (("GET", "/nonexistent", None), ("GET", "/apis/other/v1", None),
+                               ("POST", "/apis", b"{}"), ("DELETE", OBJECT, None)):
+        answer = secured.get(path, method=method, body=body)
+        assert answer.status == 401, (method, path, answer)
+
+
+def test_a_refused_ca_reload_keeps_the_old_cas(start_server, pki, tmp_path):
+    ca_file = tmp_path / "rotating-front-proxy-ca.pem"
+    ca_file.write_bytes(pki.front_proxy_ca_file.read_bytes())
+    server = start_server("--requestheader-client-ca-file", str(ca_file), "--reload-interval", "1h")
+    assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
+    import trustme
+    broken = trustme.CA().cert_pem.bytes().decode() + (
+        "-----BEGIN CERTIFICATE-----\nTUlJQm9nVXM=\n-----END CERTIFICATE-----\n")
+    temporary = tmp_path / "new.pem"
+    temporary.write_text(broken)
+    os.replace(temporary, ca_file)
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("TLS files refused")
+    assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
