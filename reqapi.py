@@ -3020,8 +3020,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         request = parse_head(head, self.remote)
         self.leftover = rest
         connection = request.headers.get("connection", "").lower()
+        if "," in connection:                               # e.g. "keep-alive, Upgrade"
+            tokens = {token.strip() for token in connection.split(",")}
+            connection = "close" if "close" in tokens else "keep-alive" if "keep-alive" in tokens else ""
         close = connection == "close" or (request.version == "HTTP/1.0" and connection != "keep-alive")
-        has_body = request.headers.get("content-length", "0") not in ("0", "") or "transfer-encoding" in request.headers
+        length = request.headers.get("content-length", "0")
+        has_body = (length != "0" and not (length.isdigit() and int(length) == 0)) or \
+            "transfer-encoding" in request.headers
         self.busy = True
         if has_body:
             # reqapi takes no bodies; closing is the only safe way to skip one we will not read.

@@ -1098,3 +1098,12 @@ def test_generated_requests_over_the_network_get_a_status_line_and_status_errors
         assert answer.code != 500, (head, answer)
         if answer.code >= 400 and method != b"HEAD":
             assert_status(conn.with_body(answer), answer.code)
+
+
+def test_connection_tokens_and_zero_length_bodies(server, clean_log):
+    with Raw(server) as conn:
+        conn.send(b"GET /livez HTTP/1.1\r\nHost: a\r\nContent-Length: 00\r\nConnection: keep-alive, close\r\n\r\n")
+        answer = conn.response()
+        assert answer is not None and answer.code == 200, answer
+        assert answer.headers.get("connection") == "close"
+        assert conn.closed_within(2)
