@@ -3840,9 +3840,11 @@ def main(argv: Optional[list] = None) -> int:
             return 0
         return serve(args, log, rules)
     except (RulesError, ConfigError) as error:
-        log.log("error", str(error)) if not (args.check or args.predict) else None
+        # Refused configuration: the message names the file, the place and the fix; exit code 2.
         if args.check or args.predict:
             print(f"error: {error}", file=sys.stderr)
+        else:
+            log.log("error", str(error))
         return 2
 
 
