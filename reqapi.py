@@ -1548,10 +1548,7 @@ class Identity:
     @functools.cached_property
     def log_text(self) -> str:
         """`user=... auth=...` for the request log, quoted only when it has to be."""
-        user = self.user
-        if not user or any(c in user for c in ' "=\n'):
-            user = json.dumps(user)
-        return f"user={user} auth={self.method}"
+        return f"user={_text_value(self.user)} auth={self.method}"
 
 
 ANONYMOUS = Identity("system:anonymous", ("system:unauthenticated",), (), "none")
@@ -2084,10 +2081,15 @@ def _segment_problem(segment: str) -> Optional[str]:
     return None
 
 
+def is_watch(request: Request) -> bool:
+    """?watch=true|1, or the deprecated /watch/ path prefix."""
+    return request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]
+
+
 def endpoint_get(app: "Application", request: Request):
     namespace = checked_namespace(request.params["namespace"])
     name = checked_name(request.params["name"])
-    if request.arg("watch") in ("true", "1"):
+    if is_watch(request):
         # The deprecated watch of one object by name: the same as a field-selected collection watch.
         return watch_collection(app, request, namespace, (Requirement("metadata.name", "=", (name,)),))
     mode, table_version = negotiate_object(request)
@@ -2122,7 +2124,7 @@ def list_selection(request: Request, namespace: Optional[str]) -> tuple:
 def endpoint_list(app: "Application", request: Request):
     namespace = checked_namespace(request.params["namespace"]) if "namespace" in request.params else None
     fields, labels = list_selection(request, namespace)
-    if request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]:
+    if is_watch(request):
         return watch_collection(app, request, namespace, fields, labels)
     # A list is a function of the rules, the query, the Accept header and the second (its
     # timestamps): kubectl and controllers ask the same question often, so answers are memoised.
@@ -2131,10 +2133,7 @@ def endpoint_list(app: "Application", request: Request):
            request.headers.get("accept", ""), int(time.time()))
     response = generation.lists.get(key)
     if response is None:
-        response = list_response(app, request, namespace, fields, labels)
-        if len(generation.lists) >= 1024:
-            generation.lists.clear()
-        generation.lists[key] = response
+        response = remember(generation.lists, key, list_response(app, request, namespace, fields, labels), 1024)
     return response
 
 
@@ -2347,7 +2346,7 @@ def request_attributes(request: Request, route: Route) -> dict:
     if route.kind != "resource":
         return {"nonResourceAttributes": {"path": request.path, "verb": request.method.lower()}}
     name = request.params.get("name", "")
-    watching = request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]
+    watching = is_watch(request)
     if name:
         verb = "watch" if watching else "get"
     else:
@@ -2372,6 +2371,14 @@ def parse_field_selector_quietly(text: str) -> tuple:
 # The application: rules generations, identity, readiness (state, but no sockets)
 # ---------------------------------------------------------------------------
 
+def remember(memo: dict, key: Any, value: Any, limit: int) -> Any:
+    """Store in a memo that is emptied when full: a bound on memory, with no bookkeeping per hit."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 class Generation:
     """One loaded set of rules and what follows from it.  Immutable once built, except for its
     memo of predictions and serialised objects (pure functions of the rules, so safe to share)."""
@@ -2390,10 +2397,7 @@ class Generation:
         key = (namespace, name)
         found = self.predictions.get(key)
         if found is None:
-            found = predict(self.rules, namespace, name)
-            if len(self.predictions) >= self.MEMO_LIMIT:
-                self.predictions.clear()
-            self.predictions[key] = found
+            found = remember(self.predictions, key, predict(self.rules, namespace, name), self.MEMO_LIMIT)
         return found
 
 
@@ -2459,9 +2463,7 @@ class Application:
             return cached[1]
         body = dumps(requests_object(namespace, name, generation.prediction(namespace, name),
                                      generation.resource_version, now))
-        if len(generation.objects) >= Generation.MEMO_LIMIT:
-            generation.objects.clear()
-        generation.objects[key] = (now, body)
+        remember(generation.objects, key, (now, body), Generation.MEMO_LIMIT)
         return body
 
     # identity
@@ -2850,12 +2852,11 @@ def parse_head(head: bytes, remote: str) -> Request:
 
 def verb_of(request: Request, route_kind: str) -> tuple:
     """(verb, resource) for metrics and logs, as apiserver_request_total names them."""
-    if request.params.get("name") is not None and route_kind == "resource":
-        return ("WATCH" if request.arg("watch") in ("true", "1") else request.method, RESOURCE)
-    if route_kind == "resource":
-        watching = request.arg("watch") in ("true", "1") or request.segments[3:4] == ["watch"]
-        return ("WATCH" if watching else "LIST", RESOURCE)
-    return (request.method, "")
+    if route_kind != "resource":
+        return (request.method, "")
+    if is_watch(request):
+        return ("WATCH", RESOURCE)
+    return (request.method if "name" in request.params else "LIST", RESOURCE)
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2978,15 +2979,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 while buffer.startswith(b"\r\n"):    # tolerated between pipelined requests (RFC 9112 §2.2)
                     buffer = buffer[2:]
                 end = buffer.find(b"\r\n\r\n")
-                if end > MAX_HEAD_BYTES:
+                # Too large whether the head is complete (it may arrive in one read) or not yet.
+                if end > MAX_HEAD_BYTES or (end < 0 and len(buffer) > MAX_HEAD_BYTES):
                     raise BadRequest(431, "RequestHeaderFieldsTooLarge",
                                      f"the request head is larger than {MAX_HEAD_BYTES} bytes")
                 if end >= 0:
                     self.idle = False
                     return buffer[:end], buffer[end + 4:]
-                if len(buffer) > MAX_HEAD_BYTES:
-                    raise BadRequest(431, "RequestHeaderFieldsTooLarge",
-                                     f"the request head is larger than {MAX_HEAD_BYTES} bytes")
                 if b"\r\n" not in buffer[:MAX_REQUEST_LINE + 2] and len(buffer) > MAX_REQUEST_LINE:
                     raise BadRequest(414, "RequestURITooLong",
                                      f"the request line is longer than {MAX_REQUEST_LINE} bytes")
