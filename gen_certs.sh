@@ -200,6 +200,16 @@ serial() {
     printf '0x%s' "$(openssl rand -hex 16 | sed 's/^./7/')"
 }
 
+sign_leaf() {
+    # $1 = config file, $2 = output stem in $WORK ($2.pem, $2-key.pem), $3 = extensions section:
+    # a new key, a CSR, and a certificate signed by the CA with the extensions from the config
+    new_key "$WORK/$2-key.pem"
+    q openssl req -new -sha256 -config "$1" -key "$WORK/$2-key.pem" -out "$WORK/$2.csr"
+    q openssl x509 -req -sha256 -days "$LEAF_DAYS" -set_serial "$(serial)" \
+        -in "$WORK/$2.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" \
+        -extfile "$1" -extensions "$3" -out "$WORK/$2.pem"
+}
+
 if [ "$KEY_TYPE" = ecdsa ]; then
     LEAF_KU=digitalSignature
 else
@@ -259,12 +269,7 @@ EOF
     fi
 } >"$WORK/server.cnf"
 
-new_key "$WORK/apiservice-key.pem"
-q openssl req -new -sha256 -config "$WORK/server.cnf" \
-    -key "$WORK/apiservice-key.pem" -out "$WORK/apiservice.csr"
-q openssl x509 -req -sha256 -days "$LEAF_DAYS" -set_serial "$(serial)" \
-    -in "$WORK/apiservice.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" \
-    -extfile "$WORK/server.cnf" -extensions v3_leaf -out "$WORK/apiservice.pem"
+sign_leaf "$WORK/server.cnf" apiservice v3_leaf
 
 # ---------------------------------------------------------------- client cert
 if [ -n "$CLIENT" ]; then
@@ -281,12 +286,7 @@ extendedKeyUsage       = clientAuth
 subjectKeyIdentifier   = hash
 authorityKeyIdentifier = keyid,issuer
 EOF
-    new_key "$WORK/client-key.pem"
-    q openssl req -new -sha256 -config "$WORK/client.cnf" \
-        -key "$WORK/client-key.pem" -out "$WORK/client.csr"
-    q openssl x509 -req -sha256 -days "$LEAF_DAYS" -set_serial "$(serial)" \
-        -in "$WORK/client.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" \
-        -extfile "$WORK/client.cnf" -extensions v3_client -out "$WORK/client.pem"
+    sign_leaf "$WORK/client.cnf" client v3_client
 fi
 
 # ---------------------------------------------------------------- self-checks
