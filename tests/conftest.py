@@ -108,8 +108,12 @@ def client_cert(ca: trustme.CA, directory: Path, common_name: str, organizations
 class Server:
     """A running reqapi.py process."""
 
-    def __init__(self, certs: Certs, directory: Path, args: list, env: Optional[dict] = None):
+    def __init__(self, certs: Certs, directory: Path, args: list, env: Optional[dict] = None,
+                 host: str = "127.0.0.1", prefix: tuple = (), port: int = 0):
+        # host/prefix/port: the control-plane tests run reqapi inside a network namespace
+        # (prefix "ip netns exec NS") on a fixed port of that namespace's address, as in a pod.
         self.certs = certs
+        self.host, self.prefix, self.requested_port = host, tuple(prefix), port
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.log_file = directory / "reqapi.log"
@@ -124,8 +128,9 @@ class Server:
         env.update(self.env or {})
         # REQAPI_PYTHON runs the server under another interpreter (CI uses it for Python 3.13,
         # the version in the distroless image) while the tests themselves stay on this one.
-        command = [os.environ.get("REQAPI_PYTHON", sys.executable), str(REQAPI), "--cert", str(self.certs.cert_file), "--key",
-                   str(self.certs.key_file), "--port", "0", "--bind-address", "127.0.0.1", *self.args]
+        command = [*self.prefix, os.environ.get("REQAPI_PYTHON", sys.executable), str(REQAPI),
+                   "--cert", str(self.certs.cert_file), "--key", str(self.certs.key_file),
+                   "--port", str(self.requested_port), "--bind-address", self.host, *self.args]
         self.log_handle = open(self.log_file, "ab")
         self.process = subprocess.Popen(command, stdout=self.log_handle, stderr=subprocess.STDOUT, env=env)
         found = wait_until(lambda: self.process.poll() is not None or re.search(
@@ -157,7 +162,7 @@ class Server:
 
     def connection(self, client_cert: Optional[tuple] = None, timeout: float = 10) -> http.client.HTTPSConnection:
         # The serving certificate carries IP:127.0.0.1, so the hostname check runs against the IP.
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.certs.client_context(client_cert),
+        return http.client.HTTPSConnection(self.host, self.port, context=self.certs.client_context(client_cert),
                                            timeout=timeout)
 
     def get(self, path: str, headers: Optional[dict] = None, client_cert: Optional[tuple] = None,
@@ -171,7 +176,7 @@ class Server:
             connection.close()
 
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
