@@ -81,8 +81,8 @@ class BenchError(Exception):
 # Small HTTP/1.1 response framing, shared by the probe and the load generator
 # ---------------------------------------------------------------------------------------------
 
-def request_bytes(port: int, path: str, headers: dict) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+def request_bytes(port: int, path: str, headers: dict, host: str = "127.0.0.1") -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -210,10 +210,15 @@ def loadgen(params: dict) -> dict:
     Latency runs from the first write of a request to the last byte of its response, as in wrk."""
     port, duration, count = params["port"], params["duration"], params["connections"]
     timeout = params.get("timeout", REQUEST_TIMEOUT)
-    address = ("127.0.0.1", port)
-    request = request_bytes(port, params["path"], params["headers"])
+    host = params.get("host", "127.0.0.1")
+    address = (host, port)
+    request = request_bytes(port, params["path"], params["headers"], host)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=params["cafile"])
+    if params.get("certfile"):                  # a client certificate (kube-apiserver's admin, say)
+        context.load_cert_chain(params["certfile"], params["keyfile"])
+    if params.get("no_hostname_check"):         # a pod address that the certificate does not name
+        context.check_hostname = False
     sel = selectors.DefaultSelector()
     EV_READ, EV_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
     WantRead, WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
@@ -235,7 +240,7 @@ def loadgen(params: dict) -> dict:
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.setblocking(False)
-        sock = context.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+        sock = context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
         c.sock, c.state, c.buf, c.close, c.t0 = sock, CONNECTING, b"", False, perf()
         counts["connections"] += 1
         err = sock.connect_ex(address)
@@ -929,10 +934,16 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the generator to CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (certificates, "
                                                              "rules, server log) and print where it is")
+    parser.add_argument("--through-apiserver", action="store_true",
+                        help="instead: a GET of one object through a real kube-apiserver (built by "
+                             "tests/controlplane/build.sh; needs Go, root and the test packages) beside the same "
+                             "GET sent to reqapi directly, at the --connections counts (default 1,16)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen:
         return args
+    if args.through_apiserver and args.connections == "1,16,256":
+        args.connections = "1,16"
     if args.duration is None:
         args.duration = 2.0 if args.quick else 10.0
     if args.warmup is None:
@@ -958,10 +969,85 @@ def parse_args(argv: list) -> argparse.Namespace:
     return args
 
 
+def through_apiserver(args: argparse.Namespace) -> int:
+    """GET of one object through kube-apiserver's aggregation layer, beside the same GET sent to
+    reqapi directly, with the standard-library generator in a child process (wrk cannot present
+    the admin's client certificate). Not pinned: kube-apiserver uses both cores. The difference is
+    what the aggregator costs: authentication, authorization, the proxy and a second TLS hop."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from controlplane.cluster import ControlPlane, Installation, NetworkNamespace, build, unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        print(f"bench: the control plane cannot run here: {reason}", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-aggregator-"))
+    bin_dir = build(lambda line: print(line, file=sys.stderr))
+    netns = NetworkNamespace()
+    plane = ControlPlane(bin_dir, workdir / "controlplane", netns.host_address)
+    installation = None
+    try:
+        started = time.perf_counter()
+        plane.start()
+        print(f"control plane: kube-apiserver {plane.version()['gitVersion']} up in "
+              f"{time.perf_counter() - started:.1f} s")
+        installation = Installation(plane, netns, workdir / "reqapi")
+        address = netns.pod_addresses[0]
+        pod = installation.start_pod("a", address)
+        installation.publish({address: (True, False)})
+        installation.wait_available("True")
+        path = ROUTES["object"][0]
+        admin_cert, admin_key = (str(part) for part in plane.pki.admin)
+        targets = {
+            "through kube-apiserver": {"host": "127.0.0.1", "port": plane.port, "cafile": str(plane.pki.ca_file),
+                                       "certfile": admin_cert, "keyfile": admin_key},
+            "reqapi directly": {"host": address, "port": pod.port, "cafile": str(installation.certs.ca_file),
+                                "certfile": admin_cert, "keyfile": admin_key, "no_hostname_check": True},
+        }
+        rows = []
+        for connections in args.connection_counts:
+            for name, target in targets.items():
+                params = {**target, "path": path, "headers": {}, "connections": connections,
+                          "duration": args.duration, "timeout": REQUEST_TIMEOUT}
+                child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--loadgen",
+                                          json.dumps(params)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                if child.stdout.readline().strip() != "ready":
+                    raise BenchError(f"the load generator failed to start:\n{child.stderr.read()}")
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                stdout, stderr = child.communicate(timeout=args.duration + 60)
+                run = json.loads(stdout.strip().splitlines()[-1])
+                errors = sum(run["socket_errors"].values()) + run["non2xx"]
+                rows.append([name, str(connections), f"{run['rps']:,.0f}", fmt_latency(run["latency_s"]["p50"]),
+                             fmt_latency(run["latency_s"]["p99"]), str(errors)])
+                print(f"{name} c{connections}: {run['rps']:,.0f} req/s, p50 {fmt_latency(run['latency_s']['p50'])}, "
+                      f"p99 {fmt_latency(run['latency_s']['p99'])}, errors {errors}", flush=True)
+                time.sleep(PAUSE)
+        print()
+        print(table(rows, ["path", "conns", "req/s", "p50", "p99", "errors"], "llrrrr"))
+        print(f"\nGET {path} as kubernetes-admin (client certificate), {args.duration:g} s per run, keep-alive, "
+              f"not pinned (2 cores shared by kube-apiserver, etcd, reqapi and the generator).")
+        return 0
+    except BenchError as error:
+        print(f"\nbench: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if installation is not None:
+            installation.stop()
+        plane.stop()
+        netns.remove()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept: {workdir}")
+
+
 def main(argv: list) -> int:
     args = parse_args(argv)
     if args.loadgen:
         return loadgen_child(args.loadgen)
+    if args.through_apiserver:
+        return through_apiserver(args)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # progress lines show up as runs finish
     if not REQAPI.exists():

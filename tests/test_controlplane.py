@@ -11,7 +11,6 @@ REQAPI_REQUIRE_CONTROLPLANE=1 (set by .ci/run) that skip is a failure instead.
 
 from __future__ import annotations
 
-import base64
 import copy
 import http.client
 import json
@@ -19,27 +18,20 @@ import os
 import queue
 import re
 import signal
-import ssl
 import subprocess
 import threading
-import time
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
 
 from conftest import ROOT, Server, write_rules
-from controlplane.cluster import (REQUIRE_VARIABLE, ControlPlane, NetworkNamespace, Unavailable, build, ca_bundle,
-                                  endpoint_slice, unavailable_reason, wait_for)
+from controlplane.cluster import (APISERVICE, GROUP_VERSION, NAMESPACE, POD_PORT, REQUIRE_VARIABLE, SERVICE,
+                                  ControlPlane, Installation, NetworkNamespace, ServingCerts, Unavailable, build,
+                                  ca_bundle, unavailable_reason, wait_for)
 
 pytestmark = pytest.mark.controlplane
 
-APISERVICE = "v1beta1.k8s.wujiuye.com"
-GROUP_VERSION = "/apis/k8s.wujiuye.com/v1beta1"
-NAMESPACE, SERVICE, SERVICE_ACCOUNT = "default", "requests-apiserver-service", "requests-apiserver"
-SLICE = "requests-apiserver-service-test"
-POD_PORT = 10250                       # the Deployment's containerPort
 AGGREGATED_DISCOVERY = ("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
                         "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json")
 
@@ -49,119 +41,6 @@ def skip_or_fail(reason: str) -> None:
         pytest.fail(f"the control plane must run here ({REQUIRE_VARIABLE} is set) but cannot: {reason}",
                     pytrace=False)
     pytest.skip(f"control plane unavailable: {reason}")
-
-
-class ServingCerts:
-    """reqapi's serving certificate made by the real gen_certs.sh (CA ca.pem, leaf apiservice.pem)."""
-
-    def __init__(self, directory: Path, *options: str):
-        result = subprocess.run(["sh", str(ROOT / "gen_certs.sh"), "--out", str(directory), *options],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        self.directory = directory
-        self.ca_file = directory / "ca.pem"
-        self.cert_file, self.key_file = directory / "apiservice.pem", directory / "apiservice-key.pem"
-
-    def client_context(self, client_cert: Optional[tuple] = None) -> ssl.SSLContext:
-        # The certificate names the Service (what kube-apiserver verifies), not the pod address the
-        # tests dial directly, so direct calls verify the chain but not the name.
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        context.check_hostname = False
-        if client_cert:
-            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
-        return context
-
-
-class Installation:
-    """reqapi installed into the control plane from k8s/, with "pods" run by hand in the namespace.
-
-    No kubelet or EndpointSlice controller runs: `publish()` writes the EndpointSlice those two would
-    write from the pods' readiness, and tests call it where a kubelet would act."""
-
-    def __init__(self, plane: ControlPlane, netns: NetworkNamespace, directory: Path):
-        self.plane, self.netns, self.directory = plane, netns, directory
-        self.certs = ServingCerts(directory / "certs")
-        self.objects = render_manifests(plane, directory)
-        self.deployment = next(o for o in self.objects if o["kind"] == "Deployment")
-        rules = next(o for o in self.objects if o["kind"] == "ConfigMap")["data"]["rules.json"]
-        self.rules_document = json.loads(rules)
-        self.rules_file = write_rules(directory / "rules.json", self.rules_document)
-        installed = []
-        for document in self.objects:
-            if document["kind"] == "Deployment":
-                continue                    # no pods run here: reqapi is started by hand below
-            document = copy.deepcopy(document)
-            if document["kind"] == "Service":
-                # A Service without selector, so that the EndpointSlice written here is its only one.
-                document["spec"].pop("selector", None)
-            if document["kind"] == "APIService":
-                document["spec"]["caBundle"] = ca_bundle(self.certs.ca_file)
-            installed.append(document)
-        plane.apply(installed)
-        self.apiservice = next(o for o in installed if o["kind"] == "APIService")
-        self.pods: dict[str, Server] = {}
-        self.endpoints: dict[str, tuple[bool, bool]] = {}
-
-    def pod_args(self, pod_dir: Path, certs: ServingCerts) -> list[str]:
-        """The Deployment's container args, with this machine's paths for the mounted files."""
-        container = self.deployment["spec"]["template"]["spec"]["containers"][0]
-        paths = {"--cert": str(certs.cert_file), "--key": str(certs.key_file), "--rules": str(self.rules_file)}
-        args = []
-        for arg in container["args"]:
-            flag, _, value = arg.partition("=")
-            args.append(f"{flag}={paths[flag]}" if flag in paths else arg)
-        return args
-
-    def service_account_dir(self, name: str, service_account: str) -> Path:
-        """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount."""
-        directory = self.directory / f"sa-{name}"
-        directory.mkdir(exist_ok=True)
-        (directory / "token").write_text(self.plane.token(NAMESPACE, service_account))
-        (directory / "ca.crt").write_bytes(self.plane.pki.ca_file.read_bytes())
-        (directory / "namespace").write_text(NAMESPACE)
-        return directory
-
-    def start_pod(self, name: str, address: str, *extra: str, service_account: str = SERVICE_ACCOUNT,
-                  certs: Optional[ServingCerts] = None, wait_ready: bool = True) -> Server:
-        certs = certs or self.certs
-        pod_dir = self.directory / f"pod-{name}"
-        sa_dir = self.service_account_dir(name, service_account)
-        env = {"KUBERNETES_SERVICE_HOST": self.plane.host_address, "KUBERNETES_SERVICE_PORT": str(self.plane.port)}
-        pod = Server(certs, pod_dir, [*self.pod_args(pod_dir, certs), "--service-account-dir", str(sa_dir), *extra],
-                     env=env, host=address, prefix=self.netns.prefix, port=POD_PORT).start(wait_ready=True)
-        if wait_ready:
-            wait_for(lambda: pod.try_get("/readyz") == 200, 30, f"reqapi pod {name} /readyz",
-                     details=lambda: pod.log()[-3000:])
-        self.pods[address] = pod
-        return pod
-
-    def stop_pod(self, address: str) -> int:
-        pod = self.pods.pop(address)
-        return pod.stop()
-
-    def publish(self, endpoints: dict[str, tuple[bool, bool]]) -> None:
-        """Write the EndpointSlice: {address: (ready, terminating)}."""
-        self.endpoints = dict(endpoints)
-        self.plane.apply([endpoint_slice(SLICE, NAMESPACE, SERVICE, "https", POD_PORT,
-                                         [(address, ready, terminating)
-                                          for address, (ready, terminating) in endpoints.items()])])
-
-    def wait_available(self, status: str = "True", timeout: float = 90) -> dict[str, Any]:
-        return self.plane.wait_for_available(APISERVICE, status, timeout, details=self.logs)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- reqapi {address} ---\n{pod.log()[-2000:]}" for address, pod in self.pods.items())
-
-    def stop(self) -> None:
-        for address in list(self.pods):
-            self.stop_pod(address)
-
-
-def render_manifests(plane: ControlPlane, directory: Path) -> list[dict[str, Any]]:
-    """k8s/ rendered by kubectl kustomize (the built kubectl), as dicts."""
-    rendered = plane.kubectl("kustomize", str(ROOT / "k8s")).stdout
-    (directory / "rendered.yaml").write_text(rendered)
-    return [document for document in yaml.safe_load_all(rendered) if document]
 
 
 @pytest.fixture(scope="session")
@@ -422,7 +301,7 @@ def test_delegated_authorization_asks_the_real_kube_apiserver(installed, deploye
     plane = installed.plane
     address = installed.netns.pod_addresses[3]
     plane.kubectl("create", "rolebinding", "reqapi-test-shop-reader", "-n", "shop",
-                  "--clusterrole=requests-apiserver:reader", f"--serviceaccount=deploy:deployer")
+                  "--clusterrole=requests-apiserver:reader", "--serviceaccount=deploy:deployer")
     try:
         pod = installed.start_pod("delegated", address, "--authorization-mode=Delegated")
         proxy = plane.pki.front_proxy_client
@@ -515,13 +394,9 @@ def test_the_placeholder_ca_bundle(restores_the_installation):
 
 
 def test_a_serving_certificate_without_the_service_name(installed, tmp_path):
-    plane, address = installed.plane, installed.netns.pod_addresses[0]
-    wrong = ServingCerts(tmp_path / "wrong", "--service", "requests-apiserver")   # names requests-apiserver.default.svc
-    # The same CA as the caBundle, so only the name is wrong.
-    for name in ("ca.pem", "ca-key.pem"):
-        (wrong.directory / name).write_bytes((installed.certs.directory / name).read_bytes())
-    subprocess.run(["sh", str(ROOT / "gen_certs.sh"), "--out", str(wrong.directory), "--service", "requests-apiserver",
-                    "--reuse-ca"], check=True, capture_output=True)
+    address = installed.netns.pod_addresses[0]
+    # Signed by the caBundle's CA, so only the name is wrong: it names requests-apiserver.default.svc.
+    wrong = ServingCerts(tmp_path / "wrong", "--service", "requests-apiserver", ca_from=installed.certs)
     installed.stop_pod(address)
     try:
         installed.start_pod("wrong-name", address, certs=wrong)

@@ -27,6 +27,7 @@ Nothing here enters reqapi's runtime; everything is torn down by ``ControlPlane.
 from __future__ import annotations
 
 import base64
+import copy
 import http.client
 import ipaddress
 import json
@@ -42,7 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))             # tests/: conftest's Server is the one way to start reqapi
+from conftest import ROOT, Server, write_rules  # noqa: E402
 BUILD_SCRIPT = HERE / "build.sh"
 
 # Where a test run's veth pairs come from. Each run takes one /29 of 198.18.0.0/15 chosen by its
@@ -52,6 +57,11 @@ TEST_NETWORK = ipaddress.ip_network("198.18.0.0/15")
 # Cluster IPs (the kubernetes Service, reqapi's Service) come from the neighbouring reserved
 # block too, so that no address outside the test ranges is ever configured. Nothing routes them.
 SERVICE_CIDR = "198.19.255.0/24"
+APISERVICE = "v1beta1.k8s.wujiuye.com"
+GROUP_VERSION = "/apis/k8s.wujiuye.com/v1beta1"
+NAMESPACE, SERVICE, SERVICE_ACCOUNT = "default", "requests-apiserver-service", "requests-apiserver"
+SLICE = "requests-apiserver-service-test"
+POD_PORT = 10250                       # the Deployment's containerPort
 NETNS_PREFIX = "reqapi-cp-"
 REQUIRE_VARIABLE = "REQAPI_REQUIRE_CONTROLPLANE"
 
@@ -446,6 +456,124 @@ def endpoint_slice(name: str, namespace: str, service: str, port_name: str, port
                                       "terminating": terminating}}
                       for address, ready, terminating in endpoints],
     }
+
+
+class ServingCerts:
+    """reqapi's serving certificate made by the real gen_certs.sh (CA ca.pem, leaf apiservice.pem)."""
+
+    def __init__(self, directory: Path, *options: str, ca_from: Optional["ServingCerts"] = None):
+        if ca_from:                          # a new leaf from an existing CA (gen_certs.sh --reuse-ca)
+            directory.mkdir(parents=True)
+            for name in ("ca.pem", "ca-key.pem"):
+                shutil.copy2(ca_from.directory / name, directory / name)
+            options = (*options, "--reuse-ca")
+        result = subprocess.run(["sh", str(ROOT / "gen_certs.sh"), "--out", str(directory), *options],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        self.directory = directory
+        self.ca_file = directory / "ca.pem"
+        self.cert_file, self.key_file = directory / "apiservice.pem", directory / "apiservice-key.pem"
+
+    def client_context(self, client_cert: Optional[tuple] = None) -> ssl.SSLContext:
+        # The certificate names the Service (what kube-apiserver verifies), not the pod address the
+        # tests dial directly, so direct calls verify the chain but not the name.
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.check_hostname = False
+        if client_cert:
+            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        return context
+
+
+class Installation:
+    """reqapi installed into the control plane from k8s/, with "pods" run by hand in the namespace.
+
+    No kubelet or EndpointSlice controller runs: `publish()` writes the EndpointSlice those two would
+    write from the pods' readiness, and tests call it where a kubelet would act."""
+
+    def __init__(self, plane: ControlPlane, netns: NetworkNamespace, directory: Path):
+        self.plane, self.netns, self.directory = plane, netns, directory
+        self.certs = ServingCerts(directory / "certs")
+        self.objects = render_manifests(plane, directory)
+        self.deployment = next(o for o in self.objects if o["kind"] == "Deployment")
+        rules = next(o for o in self.objects if o["kind"] == "ConfigMap")["data"]["rules.json"]
+        self.rules_document = json.loads(rules)
+        self.rules_file = write_rules(directory / "rules.json", self.rules_document)
+        installed = []
+        for document in self.objects:
+            if document["kind"] == "Deployment":
+                continue                    # no pods run here: reqapi is started by hand below
+            document = copy.deepcopy(document)
+            if document["kind"] == "Service":
+                # A Service without selector, so that the EndpointSlice written here is its only one.
+                document["spec"].pop("selector", None)
+            if document["kind"] == "APIService":
+                document["spec"]["caBundle"] = ca_bundle(self.certs.ca_file)
+            installed.append(document)
+        plane.apply(installed)
+        self.apiservice = next(o for o in installed if o["kind"] == "APIService")
+        self.pods: dict[str, Server] = {}
+        self.endpoints: dict[str, tuple[bool, bool]] = {}
+
+    def pod_args(self, pod_dir: Path, certs: ServingCerts) -> list[str]:
+        """The Deployment's container args, with this machine's paths for the mounted files."""
+        container = self.deployment["spec"]["template"]["spec"]["containers"][0]
+        paths = {"--cert": str(certs.cert_file), "--key": str(certs.key_file), "--rules": str(self.rules_file)}
+        args = []
+        for arg in container["args"]:
+            flag, _, value = arg.partition("=")
+            args.append(f"{flag}={paths[flag]}" if flag in paths else arg)
+        return args
+
+    def service_account_dir(self, name: str, service_account: str) -> Path:
+        """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount."""
+        directory = self.directory / f"sa-{name}"
+        directory.mkdir(exist_ok=True)
+        (directory / "token").write_text(self.plane.token(NAMESPACE, service_account))
+        (directory / "ca.crt").write_bytes(self.plane.pki.ca_file.read_bytes())
+        (directory / "namespace").write_text(NAMESPACE)
+        return directory
+
+    def start_pod(self, name: str, address: str, *extra: str, service_account: str = SERVICE_ACCOUNT,
+                  certs: Optional[ServingCerts] = None, wait_ready: bool = True) -> Server:
+        certs = certs or self.certs
+        pod_dir = self.directory / f"pod-{name}"
+        sa_dir = self.service_account_dir(name, service_account)
+        env = {"KUBERNETES_SERVICE_HOST": self.plane.host_address, "KUBERNETES_SERVICE_PORT": str(self.plane.port)}
+        pod = Server(certs, pod_dir, [*self.pod_args(pod_dir, certs), "--service-account-dir", str(sa_dir), *extra],
+                     env=env, host=address, prefix=self.netns.prefix, port=POD_PORT).start(wait_ready=True)
+        if wait_ready:
+            wait_for(lambda: pod.try_get("/readyz") == 200, 30, f"reqapi pod {name} /readyz",
+                     details=lambda: pod.log()[-3000:])
+        self.pods[address] = pod
+        return pod
+
+    def stop_pod(self, address: str) -> int:
+        pod = self.pods.pop(address)
+        return pod.stop()
+
+    def publish(self, endpoints: dict[str, tuple[bool, bool]]) -> None:
+        """Write the EndpointSlice: {address: (ready, terminating)}."""
+        self.endpoints = dict(endpoints)
+        self.plane.apply([endpoint_slice(SLICE, NAMESPACE, SERVICE, "https", POD_PORT,
+                                         [(address, ready, terminating)
+                                          for address, (ready, terminating) in endpoints.items()])])
+
+    def wait_available(self, status: str = "True", timeout: float = 90) -> dict[str, Any]:
+        return self.plane.wait_for_available(APISERVICE, status, timeout, details=self.logs)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- reqapi {address} ---\n{pod.log()[-2000:]}" for address, pod in self.pods.items())
+
+    def stop(self) -> None:
+        for address in list(self.pods):
+            self.stop_pod(address)
+
+
+def render_manifests(plane: ControlPlane, directory: Path) -> list[dict[str, Any]]:
+    """k8s/ rendered by kubectl kustomize (the built kubectl), as dicts."""
+    rendered = plane.kubectl("kustomize", str(ROOT / "k8s")).stdout
+    (directory / "rendered.yaml").write_text(rendered)
+    return [document for document in yaml.safe_load_all(rendered) if document]
 
 
 def ca_bundle(path: Path) -> str:
