@@ -368,7 +368,7 @@ kubectl -n $NAMESPACE create secret tls $SECRET $CERT_ARG $KEY_ARG
    To replace an existing Secret instead:
 kubectl -n $NAMESPACE create secret tls $SECRET $CERT_ARG $KEY_ARG --dry-run=client -o yaml | kubectl apply -f -
 
-2. Put the caBundle into k8s/apiservice.yaml before 'kubectl apply -k k8s/'
+2. Put the caBundle into k8s/base/apiservice.yaml before 'kubectl apply -k k8s/'
    (replace the value of 'caBundle:' with the line above), or, once the
    APIService exists, patch it:
 kubectl patch apiservice $APISERVICE --type=merge -p '{"spec":{"caBundle":"$CA_BUNDLE"}}'

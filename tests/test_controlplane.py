@@ -215,6 +215,48 @@ def test_watch_through_kube_apiserver_sees_modified_after_a_rules_reload(install
                                              "jsonpath={.resources.cpu}").stdout == "2", 30, "the rules restored")
 
 
+def test_the_python_client_through_kube_apiserver_as_a_deploy_service(installed, deployer):
+    """The deploy service's path: the Python client's DynamicClient with a ServiceAccount token
+    and the binding from k8s/examples, through kube-apiserver: discovery, get, list, watch."""
+    from kubernetes import client
+    from kubernetes.dynamic import DynamicClient
+
+    plane = installed.plane
+    example = ROOT / "k8s/examples/deploy-service-binding.yaml"
+    plane.kubectl("apply", "-f", str(example))
+    configuration = client.Configuration()
+    configuration.host = plane.url()
+    configuration.ssl_ca_cert = str(plane.pki.ca_file)
+    configuration.api_key = {"authorization": f"Bearer {deployer['token']}"}
+    api_client = client.ApiClient(configuration)
+    try:
+        dynamic = DynamicClient(api_client, cache_file=str(installed.directory / "python-discovery.json"))
+        requests = dynamic.resources.get(api_version="k8s.wujiuye.com/v1beta1", kind="Requests")
+        assert sorted(requests.verbs) == ["get", "list", "watch"] and requests.namespaced
+        checkout = wait_for(lambda: _get_or_none(requests, "checkout", "shop"), 30, "the binding to take effect")
+        assert checkout.resources.cpu == "2" and checkout.resources.memory == "3Gi"
+        listed = requests.get(namespace="shop", _request_timeout=10).to_dict()
+        assert [item["metadata"]["name"] for item in listed["items"]] == ["checkout"]
+        events = []
+        for event in requests.watch(namespace="shop", timeout=5):
+            events.append((event["type"], event["raw_object"]["metadata"]["name"]))
+            break
+        assert events == [("ADDED", "checkout")]
+    finally:
+        api_client.close()
+        plane.kubectl("delete", "-f", str(example), "--ignore-not-found")
+
+
+def _get_or_none(requests: Any, name: str, namespace: str) -> Any:
+    from kubernetes.client.exceptions import ApiException
+    try:
+        return requests.get(name=name, namespace=namespace, _request_timeout=10)
+    except ApiException as error:
+        if error.status == 403:
+            return None
+        raise
+
+
 # -- 3. in-cluster mode: extension-apiserver-authentication from the real kube-apiserver --------------
 
 def test_in_cluster_reads_the_authentication_configmap(installed, pod_a):
