@@ -1,12 +1,14 @@
-"""A test double of kube-apiserver, for reqapi's tests.
+"""A test double of kube-apiserver, for faults the real one cannot be made to produce on demand.
 
 THIS IS NOT kube-apiserver. It is a small HTTPS server (standard library only:
 ``http.server.ThreadingHTTPServer`` + ``ssl``, served from a daemon thread) that
 imitates the two kube-apiserver endpoints reqapi calls when it runs in a pod.
-It exists because no kube-apiserver (nor etcd, nor a cluster) can run on the
-machines where reqapi's tests run, yet reqapi's in-cluster client code
-(``urllib``, ServiceAccount bearer token, service-account CA) must be exercised
-end to end over real TLS.
+Everything a real kube-apiserver can show is tested against a real one
+(tests/test_controlplane.py: the ConfigMap read with a ServiceAccount token, the
+missing RoleBinding and its fix, RBAC answering SubjectAccessReviews). This
+double stays for what the real one cannot do when a test wants it: answer 403 or
+500 after a good read, decide reviews with a reason of its own, and count every
+request reqapi sends it (to prove the review cache).
 
 What it serves, shaped after ``/work/shared/docs/aggregator-contract.md``:
 
