@@ -80,6 +80,16 @@ VPA_POD_MIN_CPU_M = 25.0                 # PodMinCPUMillicores
 VPA_POD_MIN_MEMORY_MB = 250.0            # PodMinMemoryMb (x 1024 x 1024 bytes in recommender.go)
 VPA_CONFIDENCE_INTERVAL_S = 24 * 3600    # ConfidenceIntervalCPU/Memory = 24h
 MIB = 1024 * 1024
+_MAX_RESOURCE = 10 ** 14   # model/types.go MaxResourceAmount: resourceAmountFromFloat caps here
+
+
+def _amount(value: float) -> int:
+    """model/types.go resourceAmountFromFloat: int64 truncation, capped to [0, MaxResourceAmount]."""
+    if value < 0:
+        return 0
+    if value > _MAX_RESOURCE:
+        return _MAX_RESOURCE
+    return int(value)
 
 
 class ExponentialOptions:
@@ -91,10 +101,14 @@ class ExponentialOptions:
         self.epsilon = epsilon
         self.num_buckets = int(math.ceil(math.log(max_value * (ratio - 1) / first_bucket + 1) / math.log(ratio))) + 1
 
+        self.ratio_minus_one = ratio - 1
+        self.log_ratio = math.log(ratio)
+
     def find_bucket(self, value: float) -> int:
+        # Go: int(log(ratio, value*(ratio-1)/firstBucketSize+1)), log(b, x) = Log(x) / Log(b).
         if value < self.first:
             return 0
-        bucket = int(math.log(value * (self.ratio - 1) / self.first + 1) / math.log(self.ratio))
+        bucket = int(math.log(value * self.ratio_minus_one / self.first + 1) / self.log_ratio)
         return min(bucket, self.num_buckets - 1)
 
     def bucket_start(self, bucket: int) -> float:
@@ -147,7 +161,11 @@ class DecayingHistogram:
             self.max_bucket -= 1
 
     def add(self, value: float, weight: float, t: float) -> None:
-        weight *= self._decay_factor(t)
+        ref = self.reference
+        if ref is not None and t <= ref + self.half_life * VPA_MAX_DECAY_EXPONENT:
+            weight *= 2.0 ** ((t - ref) / self.half_life)    # _decay_factor's common case, inlined
+        else:
+            weight *= self._decay_factor(t)
         b = self.o.find_bucket(value)
         self.weights[b] += weight
         self.total += weight
@@ -218,16 +236,20 @@ class VpaContainer:
         self.last_memory_sample: float | None = None
 
     def add_cpu(self, t: float, cores: float) -> None:
-        # addCPUSample: weight minSampleWeight for every sample (since VPA 1.4.0).
-        self.cpu.add(cores, VPA_MIN_SAMPLE_WEIGHT, t)
-        if self.last_sample is None or t > self.last_sample:
+        # addCPUSample: weight minSampleWeight for every sample (since VPA 1.4.0). The sample is
+        # a ResourceAmount, so the histogram sees whole millicores (CPUAmountFromCores truncates).
+        self.cpu.add(_amount(cores * 1000.0) / 1000.0, VPA_MIN_SAMPLE_WEIGHT, t)
+        if self.first_sample is None:
+            self.first_sample = self.last_sample = t
+        elif t > self.last_sample:
             self.last_sample = t
-        if self.first_sample is None or t < self.first_sample:
+        elif t < self.first_sample:
             self.first_sample = t
         self.samples += 1
 
     def add_memory(self, t: float, usage_bytes: float, is_oom: bool = False) -> bool:
         """ContainerState.addMemorySample: one peak per 24 h window, timestamped at its end."""
+        usage_bytes = float(_amount(usage_bytes))   # whole bytes (MemoryAmountFromBytes)
         if not is_oom and self.last_memory_sample is not None and t < self.last_memory_sample:
             return False
         self.last_memory_sample = t
@@ -257,8 +279,8 @@ class VpaContainer:
         """ContainerState.RecordOOM: max(request, peak) bumped by max(+100MiB, x1.2)."""
         if self.last_memory_sample is not None and t < self.last_memory_sample - VPA_MEMORY_INTERVAL_S:
             return   # too old, discarded
-        used = max(request_bytes, self.memory_peak)
-        needed = max(used + VPA_OOM_MIN_BUMP_BYTES, used * VPA_OOM_BUMP_RATIO)
+        used = max(float(_amount(request_bytes)), self.memory_peak)
+        needed = max(used + VPA_OOM_MIN_BUMP_BYTES, float(_amount(used * VPA_OOM_BUMP_RATIO)))
         self.add_memory(t, needed, is_oom=True)
 
     def confidence(self) -> float:
@@ -268,33 +290,43 @@ class VpaContainer:
         lifespan = (self.last_sample - self.first_sample) / VPA_CONFIDENCE_INTERVAL_S
         return min(lifespan, self.samples / (VPA_CONFIDENCE_INTERVAL_S / 60))
 
-    def recommend(self, containers_in_pod: int = 1) -> VpaRecommendation | None:
-        """percentile -> margin -> confidence multiplier -> per-pod floor split over containers."""
-        if self.cpu.empty() and self.memory.empty():
-            return None
+    def raw_recommendation(self, containers_in_pod: int = 1) -> dict[str, dict[str, int]]:
+        """VPA's answer in its own units (millicores, bytes), as logic/recommender.go builds it:
+        percentile -> margin -> confidence multiplier -> per-pod floor split over containers.
+
+        ResourceAmount is an int64 (millicores, bytes): CPUAmountFromCores, MemoryAmountFromBytes
+        and ScaleResource truncate (model/types.go); the margin is base + ScaleResource(base, 0.15).
+        """
         conf = self.confidence()
         fraction = 1.0 / containers_in_pod
-        # ResourceAmount is an int64 of millicores / bytes: CPUAmountFromCores, MemoryAmountFromBytes
-        # and ScaleResource truncate (model/types.go); the margin is base + ScaleResource(base, 0.15).
-        min_cpu = int(VPA_POD_MIN_CPU_M * fraction)
+        min_cpu = int(VPA_POD_MIN_CPU_M * 0.001 * fraction * 1000)
         min_memory = int(VPA_POD_MIN_MEMORY_MB * MIB * fraction)
 
-        def cpu_m(p: float) -> int:
-            base = int(self.cpu.percentile(p) * 1000)
+        def with_margin(base: int) -> int:
             return base + int(base * VPA_MARGIN)
 
-        def memory_b(p: float) -> int:
-            base = int(self.memory.percentile(p))
-            return base + int(base * VPA_MARGIN)
+        def scaled(amount: int, multiplier: float, exponent: float) -> int:
+            factor = confidence_multiplier(multiplier, exponent, conf)
+            return _amount(amount * factor)
 
-        def scaled(amount: int, multiplier: float, exponent: float) -> float:
-            return amount * confidence_multiplier(multiplier, exponent, conf)
+        out: dict[str, dict[str, int]] = {}
+        for bound, p, mult, exp in (("target", VPA_TARGET_PERCENTILE, None, None),
+                                    ("lower", VPA_LOWER_PERCENTILE, 0.001, -2.0),
+                                    ("upper", VPA_UPPER_PERCENTILE, 1.0, 1.0)):
+            cpu = with_margin(int(self.cpu.percentile(p) * 1000))
+            memory = with_margin(int(self.memory.percentile(p)))
+            if mult is not None:
+                cpu, memory = scaled(cpu, mult, exp), scaled(memory, mult, exp)
+            out[bound] = {"cpu": max(cpu, min_cpu), "memory": max(memory, min_memory)}
+        return out
 
+    def recommend(self, containers_in_pod: int = 1) -> VpaRecommendation | None:
+        """The recommendation in reqapi's units (millicores, Mi rounded up); None without samples."""
+        if self.cpu.empty() and self.memory.empty():
+            return None
+        raw = self.raw_recommendation(containers_in_pod)
         return VpaRecommendation(
-            target_cpu_m=max(cpu_m(VPA_TARGET_PERCENTILE), min_cpu),
-            target_memory_mi=math.ceil(max(memory_b(VPA_TARGET_PERCENTILE), min_memory) / MIB),
-            lower_cpu_m=max(int(scaled(cpu_m(VPA_LOWER_PERCENTILE), 0.001, -2.0)), min_cpu),
-            upper_cpu_m=max(scaled(cpu_m(VPA_UPPER_PERCENTILE), 1.0, 1.0), min_cpu),
-            lower_memory_mi=math.ceil(max(int(scaled(memory_b(VPA_LOWER_PERCENTILE), 0.001, -2.0)), min_memory) / MIB),
-            upper_memory_mi=max(scaled(memory_b(VPA_UPPER_PERCENTILE), 1.0, 1.0), min_memory) / MIB,
-            confidence=conf)
+            target_cpu_m=raw["target"]["cpu"], target_memory_mi=math.ceil(raw["target"]["memory"] / MIB),
+            lower_cpu_m=raw["lower"]["cpu"], upper_cpu_m=raw["upper"]["cpu"],
+            lower_memory_mi=math.ceil(raw["lower"]["memory"] / MIB), upper_memory_mi=raw["upper"]["memory"] / MIB,
+            confidence=self.confidence())

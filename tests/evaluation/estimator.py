@@ -13,10 +13,10 @@ The algorithm (constants in `Params`, chosen on the evaluation's tuning seeds, s
 docs/recommender.md):
 
 * CPU: per completed day, the p95 of the 5-minute CPU rate (max over the workload's pods). A
-  day on which a CPU limit visibly capped usage (throttled in more than 5% of CFS periods, and
-  the day's p99 at the limit) counts as `limit x (1 + throttle_raise)` instead: usage cannot
-  show demand above the limit, so the usage statistic would otherwise lock the workload at its
-  old limit forever. Over the days, a recency-weighted quantile (weights halve every
+  day on which a CPU limit visibly capped usage (throttled in more than 5% of CFS periods - so
+  the p95 of demand lies above the limit - and the day's p99 at the limit) counts as
+  `limit x (1 + throttle_raise)` instead of its p95: usage cannot show demand above the limit,
+  and a 5-minute p95 smooths short capped bursts to well below it. Over the days, a recency-weighted quantile (weights halve every
   `cpu_half_life_days`, times the day's sample count) then `x (1 + cpu_margin)`.
 * Memory: the largest daily working-set peak of the window `x (1 + memory_margin)` - the max,
   not a percentile, because a missed memory peak is an OOM kill, not a slow request. If the
@@ -80,11 +80,11 @@ class Params:
     window_days: int = 14              # history window, completed days (krr's default history)
     min_samples: int = 100             # krr's points_required: fewer samples than this is no history
     cpu_day_quantile: float = 0.9      # quantile over the days of the daily p95s
-    cpu_half_life_days: float = 2.0    # a day's weight halves every this many days of age
-    cpu_margin: float = 0.15           # VPA's and krr's 15% margin
+    cpu_half_life_days: float = 1.0    # a day's weight halves every this many days of age
+    cpu_margin: float = 0.05           # on top of a p95 that is already a high statistic
     throttle_threshold: float = 0.05   # > 5% of periods throttled: demand's p95 is above the limit
     throttle_at_limit: float = 0.95    # the day's p99 reached 95% of the limit: usage was capped
-    throttle_raise: float = 0.5        # a capped day counts as limit x (1 + this)
+    throttle_raise: float = 0.25       # a capped day counts as limit x (1 + this)
     memory_margin: float = 0.15        # krr's and VPA's 15%
     oom_bump_ratio: float = 1.2        # VPA DefaultOOMBumpUpRatio
     oom_min_bump_mi: float = 100.0     # VPA DefaultOOMMinBumpUp (100 MiB)

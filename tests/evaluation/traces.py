@@ -33,8 +33,8 @@ NAN = float("nan")
 
 SHAPES = ("steady", "diurnal", "bursty", "throttled", "leak", "batch", "step", "sidecar", "new")
 # Seeds used to choose the estimator's constants, and seeds the targets are scored on. Disjoint.
-TUNING_SEEDS = (1, 2, 3, 4)
-SCORED_SEEDS = (101, 102, 103, 104)
+TUNING_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8)
+SCORED_SEEDS = (201, 202, 203, 204)
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ def simulate_memory(c: Container, start: int, end: int, limit: float | None,
     return used, ooms
 
 
-def _rolling5(values: list[float]) -> list[float]:
-    """The 5-minute rate sampled each minute: the mean of the last 5 present minutes' usage."""
+def _rolling(values: list[float], k: int) -> list[float]:
+    """The k-minute rate sampled each minute: the mean of the last k present minutes' usage."""
     out: list[float] = []
     window: list[float] = []
     total = 0.0
@@ -135,7 +135,7 @@ def _rolling5(values: list[float]) -> list[float]:
             continue
         window.append(x)
         total += x
-        if len(window) > 5:
+        if len(window) > k:
             total -= window.pop(0)
         out.append(total / len(window))
     return out
@@ -151,10 +151,11 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
 
 
-def day_usage(c: Container, first_day: int, last_day: int) -> list[DayUsage]:
+def day_usage(c: Container, first_day: int, last_day: int, rate_minutes: int = 5) -> list[DayUsage]:
     """The per-day aggregates of days [first_day, last_day) (0-based trace days), as the refresher
-    would read them from the metrics engine for this container."""
-    rate = _rolling5(c.cpu_used)
+    would read them from the metrics engine for this container: CPU percentiles of
+    `rate(container_cpu_usage_seconds_total[<rate_minutes>m])` sampled each minute."""
+    rate = _rolling(c.cpu_used, rate_minutes)
     oom_set = set(c.oom_minutes)
     out: list[DayUsage] = []
     for day in range(max(0, first_day), last_day):
