@@ -201,8 +201,14 @@ def test_leak_flag():
     assert recommend(rising, RULE, TODAY).basis.memory.leak
     flat = [day(a, memory=300 + (a % 2)) for a in range(10)]
     assert not recommend(flat, RULE, TODAY).basis.memory.leak
-    gap = [d for d in rising if d.day != TODAY - 3]   # a missing day breaks "day after day"
-    assert not is_leak(gap, DEFAULT_PARAMS)
+    step = [day(a, memory=400 if a < 5 else 300) for a in range(10)]    # a rollout, not a leak
+    assert not recommend(step, RULE, TODAY).basis.memory.leak
+    # Killed every fourth day at 768Mi: kill days restart the container and are not compared; the
+    # kill-free days in between still rise.
+    saw = [day(a, memory=(500, 600, 700, 767)[(11 - a) % 4], oom_kills=int((11 - a) % 4 == 3), memory_limit_mi=768)
+           for a in range(12)]
+    assert is_leak(sorted(saw, key=lambda d: d.day), DEFAULT_PARAMS)
+    assert not is_leak(sorted(rising, key=lambda d: d.day)[-4:], DEFAULT_PARAMS)   # 3 pairs: too few
 
 
 def test_bad_values_from_the_metrics_engine_are_dropped():
@@ -289,6 +295,13 @@ def test_evaluation_targets_on_the_scored_seeds(scored):
     report = {name: (ok, numbers) for name, ok, numbers in score.target_report(scored)}
     failed = {name: numbers for name, (ok, numbers) in report.items() if not ok and not name.startswith("stretch")}
     assert not failed, failed
+
+
+def test_leak_flag_on_the_scored_seeds():
+    flags = score.leak_flags(score.prepare_all(traces.SHAPES, traces.SCORED_SEEDS[:2], rate_windows=(score.RATE_MINUTES,)))
+    flagged, total = flags.pop("leak")
+    assert flagged >= total / 2, (flagged, total)
+    assert all(f == 0 for f, _ in flags.values()), flags
 
 
 def test_rules_alone_are_worse_than_history(scored):

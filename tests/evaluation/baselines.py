@@ -238,7 +238,30 @@ class VpaContainer:
     def add_cpu(self, t: float, cores: float) -> None:
         # addCPUSample: weight minSampleWeight for every sample (since VPA 1.4.0). The sample is
         # a ResourceAmount, so the histogram sees whole millicores (CPUAmountFromCores truncates).
-        self.cpu.add(_amount(cores * 1000.0) / 1000.0, VPA_MIN_SAMPLE_WEIGHT, t)
+        # DecayingHistogram.add is inlined here (the evaluation feeds millions of samples); the
+        # arithmetic is the same, and the Go cross-check covers both paths.
+        m = cores * 1000.0
+        value = (int(m) if 0.0 <= m <= _MAX_RESOURCE else _amount(m)) / 1000.0
+        h = self.cpu
+        ref = h.reference
+        if ref is not None and t <= ref + h.half_life * VPA_MAX_DECAY_EXPONENT:
+            weight = VPA_MIN_SAMPLE_WEIGHT * 2.0 ** ((t - ref) / h.half_life)
+        else:
+            weight = VPA_MIN_SAMPLE_WEIGHT * h._decay_factor(t)
+        o = h.o
+        if value < o.first:
+            b = 0
+        else:
+            b = int(math.log(value * o.ratio_minus_one / o.first + 1) / o.log_ratio)
+            if b >= o.num_buckets:
+                b = o.num_buckets - 1
+        weights = h.weights
+        weights[b] += weight
+        h.total += weight
+        if b < h.min_bucket and weights[b] >= o.epsilon:
+            h.min_bucket = b
+        if b > h.max_bucket and weights[b] >= o.epsilon:
+            h.max_bucket = b
         if self.first_sample is None:
             self.first_sample = self.last_sample = t
         elif t > self.last_sample:

@@ -12,12 +12,14 @@ below what was computed.
 The algorithm (constants in `Params`, chosen on the evaluation's tuning seeds, see
 docs/recommender.md):
 
-* CPU: per completed day, the p95 of the 5-minute CPU rate (max over the workload's pods). A
-  day on which a CPU limit visibly capped usage (throttled in more than 5% of CFS periods - so
-  the p95 of demand lies above the limit - and the day's p99 at the limit) counts as
-  `limit x (1 + throttle_raise)` instead of its p95: usage cannot show demand above the limit,
-  and a 5-minute p95 smooths short capped bursts to well below it. Over the days, a recency-weighted quantile (weights halve every
-  `cpu_half_life_days`, times the day's sample count) then `x (1 + cpu_margin)`.
+* CPU: per completed day, the p95 of the CPU rate (`rate(...[2m])` sampled each minute: the
+  evaluation found a 5-minute rate smooths bursts away and under-requests bursty workloads),
+  max over the workload's pods. A day on which a CPU limit visibly capped usage (throttled in
+  more than 5% of CFS periods - so the p95 of demand lies above the limit - and the day's p99
+  at the limit) counts as `limit x (1 + throttle_raise)` instead of its p95: usage cannot show
+  demand above the limit, and the smoothed p95 sits below it. Over the days, a recency-weighted
+  quantile (weights halve every `cpu_half_life_days`, times the day's sample count), then
+  `x (1 + cpu_margin)`.
 * Memory: the largest daily working-set peak of the window `x (1 + memory_margin)` - the max,
   not a percentile, because a missed memory peak is an OOM kill, not a slow request. If the
   container was OOM-killed, at least VPA's bump applied to the limit it was killed at:
@@ -53,7 +55,7 @@ class DayUsage:
     """One container's usage on one completed UTC day, aggregated over the workload's pods."""
     day: int                               # UTC day number: days since 1970-01-01
     samples: int                           # usage samples behind the day (all pods)
-    cpu_p95_m: float                       # p95 of the 5-minute CPU rate, millicores, max over pods
+    cpu_p95_m: float                       # p95 of the CPU rate (Params.cpu_rate), millicores, max over pods
     cpu_p99_m: float                       # p99 of the same, millicores (detects usage at the limit)
     memory_peak_mi: float                  # working-set peak, Mi, max over pods
     oom_kills: int = 0                     # OOM kills that day, all pods
@@ -78,6 +80,7 @@ class RuleAnswer:
 class Params:
     """The estimator's constants. Defaults are the values chosen by tests/evaluation (tuning seeds)."""
     window_days: int = 14              # history window, completed days (krr's default history)
+    cpu_rate: str = "2m"               # the rate window of the daily CPU percentiles (for the basis text)
     min_samples: int = 100             # krr's points_required: fewer samples than this is no history
     cpu_day_quantile: float = 0.9      # quantile over the days of the daily p95s
     cpu_half_life_days: float = 1.0    # a day's weight halves every this many days of age
@@ -89,8 +92,9 @@ class Params:
     oom_bump_ratio: float = 1.2        # VPA DefaultOOMBumpUpRatio
     oom_min_bump_mi: float = 100.0     # VPA DefaultOOMMinBumpUp (100 MiB)
     full_confidence_days: float = 7.0  # days of history at which history fully replaces the rule
-    leak_days: int = 4                 # this many consecutive days of rising peaks...
-    leak_min_growth: float = 0.02      # ...each at least 2% above the day before, is a leak
+    leak_days: int = 4                 # a leak needs this many comparable pairs of days...
+    leak_share: float = 0.75           # ...this share of which rose...
+    leak_min_growth: float = 0.02      # ...by at least 2% from one day to the next
 
 
 DEFAULT_PARAMS = Params()
@@ -196,14 +200,19 @@ def cpu_day_value(d: DayUsage, p: Params) -> tuple[float, bool]:
 
 
 def is_leak(days: Sequence[DayUsage], p: Params) -> bool:
-    """Daily peaks that rose on each of the last `leak_days` consecutive days by leak_min_growth."""
-    if len(days) < p.leak_days + 1:
+    """Daily peaks that grow day after day: of the pairs of consecutive days in the window, at
+    least `leak_days` are comparable and `leak_share` of them rose by `leak_min_growth` or more.
+
+    A day with an OOM kill is not comparable with its neighbours: the kill restarts the container,
+    so a leak that is killed every few days shows a sawtooth, not a staircase - its rising
+    kill-free stretches are the signal.
+    """
+    pairs = [(a, b) for a, b in zip(days, days[1:])
+             if b.day == a.day + 1 and not a.oom_kills and not b.oom_kills]
+    if len(pairs) < p.leak_days:
         return False
-    tail = days[-(p.leak_days + 1):]
-    for before, after in zip(tail, tail[1:]):
-        if after.day != before.day + 1 or after.memory_peak_mi < before.memory_peak_mi * (1.0 + p.leak_min_growth):
-            return False
-    return True
+    rising = sum(b.memory_peak_mi >= a.memory_peak_mi * (1.0 + p.leak_min_growth) for a, b in pairs)
+    return rising >= p.leak_share * len(pairs)
 
 
 def _ceil(value: float) -> int:
@@ -264,7 +273,7 @@ def recommend(days: Iterable[DayUsage], rule: RuleAnswer, today: int,
     cpu_observed = weighted_quantile(values, weights, p.cpu_day_quantile)
     cpu = _resource(
         f"p{round(p.cpu_day_quantile * 100)} over days (half-life {p.cpu_half_life_days:g}d) of the daily "
-        f"p95 of the 5m CPU rate" + (", capped days at limit x" + f"{1 + p.throttle_raise:g}" if capped_days else ""),
+        f"p95 of the {p.cpu_rate} CPU rate" + (", capped days at limit x" + f"{1 + p.throttle_raise:g}" if capped_days else ""),
         cpu_observed, p.cpu_margin, cpu_observed * (1.0 + p.cpu_margin), rule_cpu, weight,
         rule.min_cpu_m, rule.max_cpu_m, capped_days=capped_days)
 

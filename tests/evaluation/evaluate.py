@@ -85,13 +85,17 @@ def main() -> int:
         tune(traces.TUNING_SEEDS, args.horizon)
         return 0
     started = time.monotonic()
-    result = score.evaluate(score.prepare_all(traces.SHAPES, args.seeds, args.horizon))
+    prepared = score.prepare_all(traces.SHAPES, args.seeds, args.horizon)
+    result = score.evaluate(prepared)
     print(f"Seeds {','.join(map(str, args.seeds))}; {len(traces.SHAPES)} shapes; deploys at days "
           f"{score.DEPLOY_DAYS[0]}-{score.DEPLOY_DAYS[-1]}; horizon {args.horizon} d; memory limit = request.\n")
     print(score.markdown_table(result))
     print("\n| target | met | numbers |\n|---|---|---|")
     for name, ok, numbers in score.target_report(result):
         print(f"| {name} | {'yes' if ok else 'NO'} | {numbers} |")
+    flags = score.leak_flags(prepared)
+    print("\nLeak flag (deploys whose memory basis says leak): "
+          + ", ".join(f"{shape} {f}/{n}" for shape, (f, n) in flags.items()))
     print(f"\n({time.monotonic() - started:.1f} s)")
     return 0
 

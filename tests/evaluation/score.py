@@ -211,6 +211,20 @@ def evaluate(prepared: list[PreparedContainer], params: Params = DEFAULT_PARAMS,
     return result
 
 
+def leak_flags(prepared: list[PreparedContainer], params: Params = DEFAULT_PARAMS,
+               rate_minutes: int = RATE_MINUTES) -> dict[str, tuple[int, int]]:
+    """{shape: (deploys whose answer flags a memory leak, deploys)}."""
+    out: dict[str, tuple[int, int]] = {}
+    for pc in prepared:
+        flagged, total = out.get(pc.shape, (0, 0))
+        for t in DEPLOY_DAYS:
+            memory = recommend(pc.days[rate_minutes], pc.rule, traces.EPOCH_DAY + t, params).basis.memory
+            flagged += bool(memory is not None and memory.leak)
+            total += 1
+        out[pc.shape] = (flagged, total)
+    return out
+
+
 def target_report(result: dict[str, dict[str, dict[str, float]]], shape_safety: float = 0.0) -> list[tuple[str, bool, str]]:
     """The issue's targets, each (name, met, numbers). With `shape_safety` (tuning only) a baseline
     that comes within that many points of beating it on both slack and shortfall counts as beating."""

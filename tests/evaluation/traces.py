@@ -8,7 +8,7 @@ container whose memory reaches its memory limit is OOM-killed and restarts.
 
 Recommenders see observations before a deploy time T; they are scored on demand after it. The
 per-day aggregates the estimator consumes (`day_usage`) are computed here exactly as the
-Prometheus queries of the refresher will compute them: the p95/p99 of the 5-minute CPU rate
+Prometheus queries of the refresher will compute them: the p95/p99 of the k-minute CPU rate
 sampled each minute, the working-set peak, OOM kills, limits and the throttled share.
 
 Shape parameters are assumptions, stated next to each generator: no real per-container trace is
