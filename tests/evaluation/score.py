@@ -71,7 +71,10 @@ class Window:
     cpu_prefix: list[float]         # prefix sums of cpu_sorted
     memory_sorted: list[float]
     memory_prefix: list[float]
-    memory_peak_need: float         # the largest memory demand of the window (pods restarted at T)
+    day_peaks: list[float]          # per scored day, the largest memory demand (pods restarted at T)
+    container: traces.Container     # for a leak, OOM days depend on the limit: replayed at scoring
+    start: int                      # minutes [start, end) of the window
+    end: int
 
 
 def _prefix(values: list[float]) -> list[float]:
@@ -100,14 +103,28 @@ class PreparedContainer:
 
 
 def _window(trace: traces.Trace, c: traces.Container, t: int, horizon: int) -> Window:
-    lo, hi = t * traces.MINUTES_PER_DAY, (t + horizon) * traces.MINUTES_PER_DAY
+    lo = t * traces.MINUTES_PER_DAY
+    hi = min(len(c.cpu), (t + horizon) * traces.MINUTES_PER_DAY)
     cpu = sorted(x for x in c.cpu[lo:hi] if x == x)
     need: list[float] = []
-    for minute in range(lo, hi):
-        if c.cpu[minute] == c.cpu[minute]:
-            need.append(traces.memory_demand(c, minute, lo))
+    day_peaks: list[float] = []
+    for day_lo in range(lo, hi, traces.MINUTES_PER_DAY):
+        day_need = [traces.memory_demand(c, m, lo) for m in range(day_lo, min(hi, day_lo + traces.MINUTES_PER_DAY))
+                    if c.cpu[m] == c.cpu[m]]
+        if day_need:
+            day_peaks.append(max(day_need))
+        need.extend(day_need)
     memory = sorted(need)
-    return Window(cpu, _prefix(cpu), memory, _prefix(memory), max(memory) if memory else 0.0)
+    return Window(cpu, _prefix(cpu), memory, _prefix(memory), day_peaks, c, lo, hi)
+
+
+def _oom_days(w: Window, limit: float) -> int:
+    """Days of the window with an OOM kill when the memory limit is `limit`."""
+    if w.container.leak is None:
+        return sum(peak >= limit for peak in w.day_peaks)   # the kill happens at the limit
+    # A leak restarts after each kill, so later days depend on when it was killed: replay it.
+    _, kills = traces.simulate_memory(w.container, w.start, w.end, limit)
+    return len({(m - w.start) // traces.MINUTES_PER_DAY for m in kills})
 
 
 def prepare(trace: traces.Trace, horizon: int = 1, rate_windows: tuple[int, ...] = RATE_WINDOWS) -> list[PreparedContainer]:
@@ -176,8 +193,8 @@ def score_answers(pc: PreparedContainer, answers: dict[int, tuple[float, float]]
             mslack, _ = _slack_short(w.memory_sorted, w.memory_prefix, memory_r)
             tot.memory_request += memory_r * len(w.memory_sorted)
             tot.memory_slack += mslack
-            tot.container_days += 1
-            tot.oom_days += w.memory_peak_need >= memory_r   # the kill happens at the limit
+            tot.container_days += len(w.day_peaks)
+            tot.oom_days += _oom_days(w, memory_r)
         if previous is not None:
             tot.transitions += 1
             tot.churned += any(abs(new - old) > 0.10 * old for new, old in zip((cpu_r, memory_r), previous))
