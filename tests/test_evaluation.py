@@ -287,8 +287,13 @@ def test_traces_are_deterministic_and_cover_the_shapes():
 
 
 @pytest.fixture(scope="module")
-def scored() -> dict:
-    return score.evaluate(score.prepare_all(traces.SHAPES, traces.SCORED_SEEDS, rate_windows=(score.RATE_MINUTES,)))
+def prepared() -> list:
+    return score.prepare_all(traces.SHAPES, traces.SCORED_SEEDS, rate_windows=(score.RATE_MINUTES,))
+
+
+@pytest.fixture(scope="module")
+def scored(prepared) -> dict:
+    return score.evaluate(prepared)
 
 
 def test_evaluation_targets_on_the_scored_seeds(scored):
@@ -297,8 +302,8 @@ def test_evaluation_targets_on_the_scored_seeds(scored):
     assert not failed, failed
 
 
-def test_leak_flag_on_the_scored_seeds():
-    flags = score.leak_flags(score.prepare_all(traces.SHAPES, traces.SCORED_SEEDS[:2], rate_windows=(score.RATE_MINUTES,)))
+def test_leak_flag_on_the_scored_seeds(prepared):
+    flags = score.leak_flags(prepared)
     flagged, total = flags.pop("leak")
     assert flagged >= total / 2, (flagged, total)
     assert all(f == 0 for f, _ in flags.values()), flags
