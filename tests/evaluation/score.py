@@ -25,7 +25,7 @@ from typing import Iterable
 
 import baselines
 import traces
-from estimator import DEFAULT_PARAMS, Params, RuleAnswer, recommend
+from estimator import DEFAULT_PARAMS, Params, Recommendation, RuleAnswer, recommend
 
 RECOMMENDERS = ("rules", "krr-simple", "vpa", "reqapi")
 DEPLOY_DAYS = tuple(range(14, traces.TRACE_DAYS))
@@ -174,7 +174,7 @@ def reqapi_answers(pc: PreparedContainer, params: Params, rate_minutes: int = RA
     return {t: _pair(recommend(days, pc.rule, traces.EPOCH_DAY + t, params)) for t in DEPLOY_DAYS}
 
 
-def _pair(r) -> tuple[float, float]:
+def _pair(r: Recommendation) -> tuple[float, float]:
     return (r.cpu_m, r.memory_mi)
 
 

@@ -12,9 +12,10 @@ Prometheus queries of the refresher will compute them: the p95/p99 of the k-minu
 sampled each minute, the working-set peak, OOM kills, limits and the throttled share.
 
 Shape parameters are assumptions, stated next to each generator: no real per-container trace is
-available offline. Daily max/min CPU ratios of 2-3 are above the Alibaba 2018 cluster-wide 3.2 /
-Google 2019 1.5 range for whole clusters, on purpose (single services swing more than clusters);
-bursts have Pareto(1.5) lengths (heavy tails, as reported for Alibaba and Google traces).
+available offline. Daily max/min CPU ratios of 2-3 sit between whole-cluster figures (Google 2019
+cells about 1.5, Alibaba 2018 about 3.2); a single service swings at least as much as a cluster,
+so they are on the mild side. Bursts have Pareto(1.5) lengths (heavy tails, as reported for the
+Alibaba and Google traces; the exponent itself is an assumption).
 """
 
 from __future__ import annotations
