@@ -119,6 +119,19 @@ def test_vpa_oom_bump():
     assert small.memory.percentile(1.0) >= 300 * MIB
 
 
+def test_vpa_decay_survives_a_reference_shift():
+    # After 100 half-lives VPA renormalises (shiftReferenceTimestamp): weights stay finite and the
+    # old sample, 150 half-lives back, has decayed to nothing.
+    o = baselines.cpu_options()
+    h = baselines.DecayingHistogram(o, baselines.VPA_HALF_LIFE_S)
+    h.add(5.0, 1.0, 1e9)
+    later = 1e9 + 150 * 86400
+    h.add(0.1, 1.0, later)
+    assert h.reference == round(later / 86400) * 86400       # moved to a whole half-life near `later`
+    assert h.total < 2.0                                      # rescaled, not 2^150
+    assert h.max_bucket == o.find_bucket(0.1)                 # the old sample fell below epsilon
+
+
 def test_vpa_port_agrees_with_vpa_go_code():
     # vpa_reference.json holds what VPA v1.8.1's own Go code (logic.CreatePodResourceRecommender
     # over model.ContainerState / AggregateContainerState) answered on these scenarios; see
@@ -230,6 +243,20 @@ def test_main_container_is_named_like_the_workload_else_the_largest():
     answers = {n: recommend([day(0, memory=m)], RULE, TODAY) for n, m in (("envoy", 60), ("app", 900))}
     assert main_container("app", answers) == "app"
     assert main_container("web", answers) == "app"
+
+
+def test_the_estimator_can_move_verbatim_into_reqapi():
+    # reqapi.py is one standard-library file with a pure core: the estimator may import only
+    # pure standard-library modules and must not do I/O or read the clock.
+    import ast
+    tree = ast.parse((Path(__file__).resolve().parent / "evaluation" / "estimator.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "math", "dataclasses", "typing"}, imported
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert not called & {"open", "print", "input", "exec", "eval"}, called
+    frozen = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert all(getattr(__import__("estimator"), name).__dataclass_params__.frozen for name in frozen)
 
 
 DAYS = st.builds(
