@@ -2,7 +2,7 @@
 
 Everything here talks to the real reqapi.py over real TLS with raw sockets (so that malformed
 traffic reaches the server byte for byte), except the property-based tests of part (a), which
-feed generated request heads straight to ``reqapi.parse_head`` + ``reqapi.dispatch``.
+feed generated request heads straight to ``reqapi.parse_head`` + ``reqapi.Api.handle``.
 
 What every case requires:
 
@@ -874,12 +874,14 @@ def test_connections_over_the_cap_are_closed_at_once_and_new_clients_served_afte
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def application():
-    """An Application built as the server builds one, logging to /dev/null, and its route index."""
+def api():
+    """The Api, with its storage, access and health built as Runtime builds them, logging to /dev/null."""
     fd = os.open(os.devnull, os.O_WRONLY)
     try:
-        app = reqapi.Application(reqapi.build_parser().parse_args([]), reqapi.Logger(fd=fd))
-        yield app, reqapi.route_index(reqapi.ROUTES)
+        storage = reqapi.RequestsStorage(reqapi.RulesHistory())
+        access, metrics = reqapi.Access(reqapi.AlwaysAllow()), reqapi.Metrics()
+        health = reqapi.Health(storage.history, access, metrics)
+        yield reqapi.Api(storage, access, health, metrics, reqapi.Logger(fd=fd), watch_timeout=300)
     finally:
         os.close(fd)
 
@@ -994,24 +996,24 @@ def request_heads(draw) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
-def check_answer(app, index, head: bytes) -> str:
-    """parse_head + dispatch must give a well-formed answer; any other exception fails the test."""
+def check_answer(api, head: bytes) -> str:
+    """parse_head + Api.handle must give a well-formed answer; any other exception fails the test."""
     try:
-        request = reqapi.parse_head(head, "192.0.2.1:4242")
+        request = reqapi.parse_head(head)
     except reqapi.BadRequest as error:
-        assert 400 <= error.error.code < 600
-        response = error.error.response()
-        assert response.code == error.error.code and response.content_type == reqapi.JSON
-        assert_status_document(json.loads(response.body), error.error.code)
+        assert 400 <= error.code < 600
+        response = error.response()
+        assert response.code == error.code and response.content_type == reqapi.JSON
+        assert_status_document(json.loads(response.body), error.code)
         return "bad-request"
     assert isinstance(request.segments, list) and all(isinstance(s, str) for s in request.segments)
-    try:
-        result = reqapi.dispatch(app, index, request, None)
-    except reqapi.HTTPError as error:
-        response = error.response()
-        assert response.code == error.code and 400 <= error.code < 600 and response.content_type == reqapi.JSON
-        assert error.code != 500, f"an internal error: {error.message}"
-        assert_status_document(json.loads(response.body), error.code)
+    outcome = api.handle(request, None)
+    result = outcome.result
+    assert isinstance(outcome.identity, reqapi.Identity) and outcome.verb and isinstance(outcome.resource, str)
+    if isinstance(result, reqapi.Response) and result.code >= 400:
+        assert result.code != 500, f"an internal error: {result.body!r}"
+        assert result.content_type == reqapi.JSON and 400 <= result.code < 600
+        assert_status_document(json.loads(result.body), result.code)
         return "http-error"
     if isinstance(result, reqapi.WatchStream):
         assert isinstance(result.content_type, str) and result.content_type.startswith("application/json")
@@ -1044,36 +1046,32 @@ def check_answer(app, index, head: bytes) -> str:
 @example(head=f"GET {GV}/watch/requests?timeoutSeconds=1 HTTP/1.1".encode())
 @example(head=f"GET {GV}/namespaces/default/requests/web?watch=1 HTTP/1.1\r\nAccept: {TABLE_ACCEPT}".encode())
 @example(head=b"")
-def test_parse_and_dispatch_always_give_a_well_formed_answer(application, head):
-    app, index = application
-    check_answer(app, index, head)
+def test_parse_and_dispatch_always_give_a_well_formed_answer(api, head):
+    check_answer(api, head)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(segments=st.lists(segment_strategy, min_size=1, max_size=8), query=st.lists(query_pair, max_size=5),
        headers=st.lists(header_strategy, max_size=5))
-def test_every_route_shape_with_generated_segments_answers(application, segments, query, headers):
+def test_every_route_shape_with_generated_segments_answers(api, segments, query, headers):
     """Generated values in the parameter places of every route, so that endpoints run, not just 404s."""
-    app, index = application
     for route in reqapi.ROUTES:
         values = iter(segments * 8)
         path = "/" + "/".join(next(values) if part.startswith("{") else part for part in route.pattern)
         target = path + ("?" + "&".join(f"{name}={value}" for name, value in query) if query else "")
         head = "\r\n".join([f"GET {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers])
-        check_answer(app, index, head.encode("latin-1"))
+        check_answer(api, head.encode("latin-1"))
 
 
 @pytest.mark.parametrize("query", ["limit=%C2%B2", "limit=" + "9" * 5000, "watch=1&timeoutSeconds=%C2%B2"],
                          ids=["limit-superscript-two", "limit-5000-digits", "timeoutSeconds-superscript-two"])
-def test_numbers_in_the_query_that_int_refuses_are_answered_400(application, query):
-    app, index = application
-    assert check_answer(app, index, f"GET {GV}/requests?{query} HTTP/1.1".encode()) == "http-error"
+def test_numbers_in_the_query_that_int_refuses_are_answered_400(api, query):
+    assert check_answer(api, f"GET {GV}/requests?{query} HTTP/1.1".encode()) == "http-error"
 
 
-def test_a_continue_token_of_deeply_nested_json_is_answered_400(application):
-    app, index = application
+def test_a_continue_token_of_deeply_nested_json_is_answered_400(api):
     token = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
-    assert check_answer(app, index, f"GET {GV}/requests?continue={token} HTTP/1.1".encode()) == "http-error"
+    assert check_answer(api, f"GET {GV}/requests?continue={token} HTTP/1.1".encode()) == "http-error"
 
 
 @st.composite
