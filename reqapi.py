@@ -378,6 +378,12 @@ def name_problem(segment: str) -> str | None:
     return _dns_problem(segment, _DNS1123_SUBDOMAIN_RE, DNS1123_SUBDOMAIN_MAX_LENGTH, _DNS1123_SUBDOMAIN_MSG)
 
 
+def workload_problems(namespace: str, name: str) -> tuple[str | None, str | None]:
+    """namespace_problem and name_problem of one workload, in one call."""
+    return (_dns_problem(namespace, _DNS1123_LABEL_RE, DNS1123_LABEL_MAX_LENGTH, _DNS1123_LABEL_MSG),
+            _dns_problem(name, _DNS1123_SUBDOMAIN_RE, DNS1123_SUBDOMAIN_MAX_LENGTH, _DNS1123_SUBDOMAIN_MSG))
+
+
 # ---------------------------------------------------------------------------
 # 2. Rules and prediction (pure: rules in, prediction out)
 # ---------------------------------------------------------------------------
@@ -1739,19 +1745,24 @@ INCLUDE_OBJECT_CHOICES = ("None", "Metadata", "Object")      # ?includeObject= o
 def checked_namespace(segment: str) -> str:
     problem = namespace_problem(segment)
     if problem:
-        problem = _segment_problem(segment) or problem
-        raise HTTPError.bad_request(f"namespace {segment!r} is not valid: {problem}; namespaces are "
-                                    f"DNS-1123 labels, e.g. 'default' or 'shop-prod'")
+        raise invalid_namespace(segment, problem)
     return segment
 
 
-def checked_name(segment: str) -> str:
-    problem = name_problem(segment)
-    if problem:
-        problem = _segment_problem(segment) or problem
-        raise HTTPError.bad_request(f"Name parameter invalid: {segment!r}: {problem}; workload names "
-                                    f"are DNS-1123 subdomains, e.g. 'checkout' or 'web.v2'")
-    return segment
+def checked_workload(namespace: str, name: str) -> tuple[str, str]:
+    """The namespace and name of one object's path, or a 400 for the first that is not valid."""
+    namespace_error, name_error = workload_problems(namespace, name)
+    if namespace_error:
+        raise invalid_namespace(namespace, namespace_error)
+    if name_error:
+        raise HTTPError.bad_request(f"Name parameter invalid: {name!r}: {_segment_problem(name) or name_error}; "
+                                    f"workload names are DNS-1123 subdomains, e.g. 'checkout' or 'web.v2'")
+    return namespace, name
+
+
+def invalid_namespace(segment: str, problem: str) -> HTTPError:
+    return HTTPError.bad_request(f"namespace {segment!r} is not valid: {_segment_problem(segment) or problem}; "
+                                 f"namespaces are DNS-1123 labels, e.g. 'default' or 'shop-prod'")
 
 
 def _segment_problem(segment: str) -> Optional[str]:
@@ -2044,8 +2055,7 @@ def count_argument(request: Request, name: str) -> Optional[int]:
 def object_options(request: Request) -> Union[ObjectOptions, ListOptions]:
     """A GET of /namespaces/{namespace}/requests/{name}: ObjectOptions, or the ListOptions of the
     deprecated watch of one object by name (the same as a field-selected collection watch)."""
-    namespace = checked_namespace(request.params["namespace"])
-    name = checked_name(request.params["name"])
+    namespace, name = checked_workload(request.params["namespace"], request.params["name"])
     if request.watch:
         return _watch_options(request, namespace, (Requirement("metadata.name", "=", (name,)),), ())
     return ObjectOptions(namespace, name, negotiate_object(request))
@@ -2134,8 +2144,8 @@ class Generation:
                  if (namespace is None or key[0] == namespace) and fields_match(fields, key[0], key[1])}
         pinned_name = exact_field(fields, "metadata.name")
         pinned_namespace = namespace or exact_field(fields, "metadata.namespace")
-        if pinned_name and pinned_namespace and not name_problem(pinned_name) and \
-                not namespace_problem(pinned_namespace) and fields_match(fields, pinned_namespace, pinned_name):
+        if pinned_name and pinned_namespace and workload_problems(pinned_namespace, pinned_name) == (None, None) \
+                and fields_match(fields, pinned_namespace, pinned_name):
             items[(pinned_namespace, pinned_name)] = self.prediction(pinned_namespace, pinned_name)
         return items
 
@@ -2601,6 +2611,18 @@ class Access:
         """No configuration could be loaded: requests get 503 until one is (unless one is already set)."""
         self.problem = problem
 
+    def admit(self, request: Request, peer: Optional[PeerCertificate], route_kind: Optional[str],
+              refused: bool) -> Identity:
+        """Who is calling, and may they: authenticate unless the route is public (or, when no route
+        matched, always: a stranger learns nothing, not even which paths exist), then authorize
+        unless the request is refused anyway.  Raises HTTPError 401, 403 or 503."""
+        if route_kind == "public":
+            return ANONYMOUS
+        identity = self.identify(request, peer)
+        if not refused:
+            self.authorize(identity, request, route_kind == "resource")
+        return identity
+
     def identify(self, request: Request, peer: Optional[PeerCertificate]) -> Identity:
         config, requestheader_ders, client_ders = self._state
         if self.problem is not None and not config.enabled:
@@ -3065,13 +3087,22 @@ class Outcome(NamedTuple):
     resource: str
 
 
-def body_refusal(request: Request) -> HTTPError:
-    """reqapi is read-only: a request with a body is refused (and its connection closed)."""
-    if request.method in ("GET", "HEAD"):
-        return HTTPError.bad_request(f"{request.method} requests must not have a body; "
-                                     f"reqapi's API is read-only and takes no request bodies")
-    return HTTPError.method_not_allowed("the server does not allow this method on the requested resource: "
-                                        "reqapi is read-only and takes no request bodies")
+def refusal_of(request: Request, found: Optional[tuple[Route, dict[str, str]]]) -> Optional[HTTPError]:
+    """What refuses a request whoever sends it: a body (reqapi is read-only; the connection is then
+    closed), a path with no route, a method other than GET or HEAD.  None if nothing does."""
+    if request.has_body:
+        if request.method in ("GET", "HEAD"):
+            return HTTPError.bad_request(f"{request.method} requests must not have a body; "
+                                         f"reqapi's API is read-only and takes no request bodies")
+        return HTTPError.method_not_allowed("the server does not allow this method on the requested resource: "
+                                            "reqapi is read-only and takes no request bodies")
+    if found is None:
+        return HTTPError.not_found()
+    if request.method not in ("GET", "HEAD"):
+        return HTTPError.method_not_allowed(
+            f"the server does not allow this method on the requested resource: reqapi is read-only "
+            f"({request.method} is not allowed; use GET: get, list, watch)")
+    return None
 
 
 class Api:
@@ -3105,21 +3136,15 @@ class Api:
         identity, kind = ANONYMOUS, ""
         try:
             found = match_route(self.routes, request.segments)
-            if found is None or found[0].kind != "public":
-                identity = self.access.identify(request, peer)
-            if request.has_body:
-                raise body_refusal(request)
-            if found is None:
-                raise HTTPError.not_found()
-            route, request.params = found
-            kind = route.kind
-            if request.method not in ("GET", "HEAD"):
-                raise HTTPError.method_not_allowed(
-                    f"the server does not allow this method on the requested resource: reqapi is read-only "
-                    f"({request.method} is not allowed; use GET: get, list, watch)")
-            if kind != "public":
-                self.access.authorize(identity, request, kind == "resource")
-            result = route.endpoint(self, request)
+            if found is not None and not request.has_body:
+                # Routed (a request with a body is refused before routing, and counted as unrouted):
+                # authorization names the namespace and name, metrics the resource.
+                request.params, kind = found[1], found[0].kind
+            refusal = refusal_of(request, found)
+            identity = self.access.admit(request, peer, None if found is None else found[0].kind, refusal is not None)
+            if refusal is not None:
+                raise refusal
+            result = found[0].endpoint(self, request)
         except HTTPError as error:
             result = error.response()
         except Exception as error:      # a bug: answer 500 without a traceback, log it with one
@@ -3151,7 +3176,9 @@ class Api:
             return cached[1]
         body = requests_object_json(namespace, name, generation.prediction(namespace, name),
                                     generation.resource_version, now)
-        remember(self._objects, key, (now, body), MEMO_LIMIT)
+        if len(self._objects) >= MEMO_LIMIT:      # emptied when full, as remember() does
+            self._objects.clear()
+        self._objects[key] = (now, body)
         return body
 
     def list_response(self, options: ListOptions) -> Response:
@@ -3378,6 +3405,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def set_deadline(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
+
+    def adopt_tls(self, tls: ssl.SSLSocket) -> None:
+        """The TLS socket wrapping this connection, set before its handshake so that the reaper can
+        reach it meanwhile."""
+        with self.close_lock:
+            self.tls = tls
 
     def expire(self) -> None:
         """Called by the reaper: wake whatever this connection is blocked in."""
@@ -3677,7 +3710,7 @@ class ReqapiServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def handshake(self, handler: ConnectionHandler) -> bool:
         """The TLS handshake, in the connection's own thread and within --tls-handshake-timeout
-        (enforced by the reaper).  Sets handler.tls; False if the connection is to be closed."""
+        (enforced by the reaper).  Gives the handler its TLS socket; False if the connection is to be closed."""
         log, raw, remote = self.log, handler.raw, handler.remote
         try:
             first = raw.recv(1, socket.MSG_PEEK)
@@ -3689,8 +3722,7 @@ class ReqapiServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     raw.sendall(PLAIN_HTTP_ON_TLS_PORT)
                 log.log("debug", "not a TLS client", remote=remote)
                 return False
-            with handler.close_lock:        # so that the reaper can reach the socket meanwhile
-                handler.tls = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            handler.adopt_tls(self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False))
             handler.tls.do_handshake()
             return True
         except (ssl.SSLError, OSError) as error:
@@ -4335,7 +4367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.predict:
             namespace, slash, name = args.predict.partition("/")
             problem = (None if slash else "expected NS/NAME, e.g. --predict shop/checkout") or \
-                namespace_problem(namespace) or name_problem(name)
+                next((found for found in workload_problems(namespace, name) if found), None)
             if problem:
                 raise ConfigError(f"--predict {args.predict}: {problem}")
             obj = requests_object(namespace, name, rules.predict(namespace, name),
