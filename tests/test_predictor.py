@@ -557,12 +557,11 @@ def test_named_workloads():
 
 
 # ---------------------------------------------------------------------------------------
-# Speed: a guard against accidental quadratic/backtracking regressions (generous bounds;
-# bench_predict.py prints the real figures)
+# Speed: a guard against accidental linear-scan or backtracking regressions.  It compares two
+# timings taken side by side (a machine's load slows both alike) instead of a wall-clock threshold.
 # ---------------------------------------------------------------------------------------
 
 def thousand_rules(shape):
-    # Same shapes as bench_predict.py, which prints the real figures.
     rules = []
     for i in range(1000):
         if shape == "prefix":
@@ -575,17 +574,25 @@ def thousand_rules(shape):
     return parse_rules({"rules": rules}, shape)
 
 
+def seconds_per_call(rules, namespace: str, name: str, calls: int = 2000) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        rules.predict(namespace, name)
+    return (time.perf_counter() - start) / calls
+
+
 @pytest.mark.parametrize("shape", ["prefix", "suffix", "mixed"])
-def test_a_thousand_rules_answer_in_microseconds(shape):
+def test_a_thousand_rules_cost_about_what_one_rule_costs(shape):
     rules = thousand_rules(shape)
+    one = parse_rules({"rules": [{"id": "r0", "cpu": "1m", "name": "svc0-*"}]}, "one")
     cases = {"prefix": [("team990-prod", "svc990-api"), ("other", "thing")],
              "suffix": [("payments", "billing-svc990"), ("payments", "billing-worker")],
              "mixed": [("tb990-prod", "billing-w990ab"), ("payments", "billing-worker")]}[shape]
     assert rules.predict(*cases[0]).rule == "r990"
     assert rules.predict(*cases[1]).rule == "default"
     for namespace, name in cases:
-        start = time.perf_counter()
-        for _ in range(2000):
-            rules.predict(namespace, name)
-        per_call = (time.perf_counter() - start) / 2000
-        assert per_call < 50e-6, (shape, namespace, name, per_call)
+        # Interleaved, best of five: a scan over the 1,000 rules would be hundreds of times slower
+        # than one rule (a naive scan measured ~1,000x); the lanes keep it within a small factor (1-8 here).
+        ratios = [seconds_per_call(rules, namespace, name) / seconds_per_call(one, namespace, name)
+                  for _ in range(5)]
+        assert min(ratios) < 40, (shape, namespace, name, ratios)
