@@ -376,7 +376,7 @@ def test_aggregated_discovery_v2beta1_when_only_that_is_offered(server):
 
 
 def test_aggregated_only_accept_that_we_cannot_meet_is_406(server):
-    # Old kube-apiservers fall back to legacy discovery only on 406 (aggregator-contract.md §2.3).
+    # Old kube-apiservers fall back to legacy discovery (APIGroupList) only on a 406, not on other errors.
     assert_status(server.get("/apis", {"Accept": "application/json;g=apidiscovery.k8s.io;v=v3;as=APIGroupDiscoveryList"}),
                   406, "NotAcceptable")
 
