@@ -1068,6 +1068,9 @@ DISCOVERY_TYPE = "application/json;g=apidiscovery.k8s.io;v={version};as=APIGroup
 TABLE_TYPE = "application/json;as=Table;v={version};g=meta.k8s.io"
 
 
+Document = dict[str, Any]      # a JSON object, as json.loads returns it and dumps() writes it
+
+
 def dumps(document: Any) -> bytes:
     """Compact UTF-8 JSON, as Go's encoding/json writes it (no spaces, non-ASCII kept)."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -1124,7 +1127,7 @@ def human_age(seconds: float) -> str:
 
 
 def requests_object(namespace: str, name: str, prediction: Prediction, resource_version: str,
-                    created: float) -> dict:
+                    created: float) -> Document:
     """One Requests object.  The prediction is computed when asked, so — like metrics-server's
     PodMetrics — its creationTimestamp is the time of the answer."""
     return {
@@ -1148,7 +1151,7 @@ def requests_object_json(namespace: str, name: str, prediction: Prediction, reso
     return dumps(requests_object(namespace, name, prediction, resource_version, created))
 
 
-def list_metadata(resource_version: str, continue_token: str = "", remaining: Optional[int] = None) -> dict:
+def list_metadata(resource_version: str, continue_token: str = "", remaining: Optional[int] = None) -> Document:
     """metav1.ListMeta of a list or a Table: remainingItemCount only on a page that has a next one."""
     metadata: dict[str, Any] = {"resourceVersion": resource_version}
     if continue_token:
@@ -1158,8 +1161,8 @@ def list_metadata(resource_version: str, continue_token: str = "", remaining: Op
     return metadata
 
 
-def requests_list(items: list[dict], resource_version: str, continue_token: str = "",
-                  remaining: Optional[int] = None) -> dict:
+def requests_list(items: list[Document], resource_version: str, continue_token: str = "",
+                  remaining: Optional[int] = None) -> Document:
     return {"kind": LIST_KIND, "apiVersion": GROUP_VERSION,
             "metadata": list_metadata(resource_version, continue_token, remaining), "items": items}
 
@@ -1177,12 +1180,12 @@ TABLE_COLUMNS = [
      "description": "Time since the prediction was made.", "priority": 0},
 ]
 
-def partial_object_metadata(obj: dict) -> dict:
+def partial_object_metadata(obj: Document) -> Document:
     return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
 
 
-def table_row(obj: dict, include_object: str, now: float, created: float) -> dict:
-    row: dict = {"cells": [obj["metadata"]["name"], obj["resources"]["cpu"], obj["resources"]["memory"],
+def table_row(obj: Document, include_object: str, now: float, created: float) -> Document:
+    row: Document = {"cells": [obj["metadata"]["name"], obj["resources"]["cpu"], obj["resources"]["memory"],
                            obj["metadata"]["annotations"][RULE_ANNOTATION], human_age(now - created)]}
     if include_object == "Object":
         row["object"] = obj
@@ -1191,8 +1194,8 @@ def table_row(obj: dict, include_object: str, now: float, created: float) -> dic
     return row
 
 
-def table(rows: list[dict], resource_version: str, table_version: str = "v1", with_columns: bool = True,
-          continue_token: str = "", remaining: Optional[int] = None) -> dict:
+def table(rows: list[Document], resource_version: str, table_version: str = "v1", with_columns: bool = True,
+          continue_token: str = "", remaining: Optional[int] = None) -> Document:
     document: dict[str, Any] = {"kind": "Table", "apiVersion": f"meta.k8s.io/{table_version}",
                                 "metadata": list_metadata(resource_version, continue_token, remaining)}
     document["columnDefinitions"] = TABLE_COLUMNS if with_columns else []
@@ -1200,11 +1203,11 @@ def table(rows: list[dict], resource_version: str, table_version: str = "v1", wi
     return document
 
 
-def watch_event(event_type: str, obj: dict) -> dict:
+def watch_event(event_type: str, obj: Document) -> Document:
     return {"type": event_type, "object": obj}
 
 
-def bookmark(resource_version: str, initial_events_end: bool = False) -> dict:
+def bookmark(resource_version: str, initial_events_end: bool = False) -> Document:
     """The object of a BOOKMARK event; with initial_events_end, the end of sendInitialEvents."""
     metadata: dict[str, Any] = {"resourceVersion": resource_version}
     if initial_events_end:
@@ -1212,8 +1215,8 @@ def bookmark(resource_version: str, initial_events_end: bool = False) -> dict:
     return {"kind": KIND, "apiVersion": GROUP_VERSION, "metadata": metadata}
 
 
-def status(code: int, reason: str, message: str, details: Optional[dict] = None,
-           retry_after: Optional[int] = None) -> dict:
+def status(code: int, reason: str, message: str, details: Optional[Document] = None,
+           retry_after: Optional[int] = None) -> Document:
     """A metav1.Status, keys in the order Go writes them."""
     document: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                       "message": message, "reason": reason}
@@ -1225,35 +1228,35 @@ def status(code: int, reason: str, message: str, details: Optional[dict] = None,
     return document
 
 
-def resource_details(name: str = "") -> dict:
+def resource_details(name: str = "") -> Document:
     details = {"name": name} if name else {}
     details.update({"group": GROUP, "kind": RESOURCE})
     return details
 
 
-def api_resource() -> dict:
+def api_resource() -> Document:
     return {"name": RESOURCE, "singularName": SINGULAR, "namespaced": True, "kind": KIND,
             "verbs": ["get", "list", "watch"], "shortNames": SHORT_NAMES, "categories": CATEGORIES}
 
 
-def api_resource_list() -> dict:
+def api_resource_list() -> Document:
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GROUP_VERSION,
             "resources": [api_resource()]}
 
 
-def api_group() -> dict:
+def api_group() -> Document:
     version = {"groupVersion": GROUP_VERSION, "version": VERSION}
     return {"kind": "APIGroup", "apiVersion": "v1", "name": GROUP, "versions": [version],
             "preferredVersion": version}
 
 
-def api_group_list() -> dict:
+def api_group_list() -> Document:
     group = api_group()
     del group["kind"], group["apiVersion"]
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]}
 
 
-def aggregated_discovery(discovery_version: str) -> dict:
+def aggregated_discovery(discovery_version: str) -> Document:
     """apidiscovery.k8s.io/v2 (or v2beta1, whose JSON is identical but for apiVersion)."""
     resource = {"resource": RESOURCE,
                 "responseKind": {"group": GROUP, "version": VERSION, "kind": KIND},
@@ -1265,7 +1268,7 @@ def aggregated_discovery(discovery_version: str) -> dict:
                        "versions": [{"version": VERSION, "resources": [resource], "freshness": "Current"}]}]}
 
 
-def version_info() -> dict:
+def version_info() -> Document:
     major, minor = __version__.split(".")[:2]
     return {"major": major, "minor": minor, "gitVersion": f"v{__version__}", "gitCommit": "",
             "gitTreeState": "", "buildDate": "", "goVersion": "",
@@ -1273,7 +1276,7 @@ def version_info() -> dict:
             "platform": f"{sys.platform}/{os.uname().machine if hasattr(os, 'uname') else ''}"}
 
 
-def root_paths() -> dict:
+def root_paths() -> Document:
     return {"paths": ["/apis", "/apis/", f"/apis/{GROUP}", f"/apis/{GROUP_VERSION}", "/healthz", "/livez",
                       "/metrics", "/openapi/v2", "/openapi/v3", "/readyz", "/version"]}
 
@@ -1285,11 +1288,11 @@ _META = "io.k8s.apimachinery.pkg.apis.meta.v1."
 _GVK = {"group": GROUP, "version": VERSION, "kind": KIND}
 
 
-def _schemas(ref_prefix: str) -> dict:
-    def ref(name: str) -> dict:
+def _schemas(ref_prefix: str) -> Document:
+    def ref(name: str) -> Document:
         return {"$ref": ref_prefix + name}
 
-    def described_ref(name: str, description: str) -> dict:
+    def described_ref(name: str, description: str) -> Document:
         # OpenAPI 3 ignores siblings of $ref; kube-openapi wraps the ref in allOf to keep the description.
         if ref_prefix.startswith("#/components"):
             return {"description": description, "allOf": [ref(name)]}
@@ -1373,9 +1376,9 @@ def _schemas(ref_prefix: str) -> dict:
     }
 
 
-def _operations(openapi3: bool) -> dict:
+def _operations(openapi3: bool) -> Document:
     """The paths block: list (cluster-wide and namespaced), get, and the query parameters kubectl uses."""
-    def param(name: str, where: str, description: str, kind: str = "string", required: bool = False) -> dict:
+    def param(name: str, where: str, description: str, kind: str = "string", required: bool = False) -> Document:
         spec = {"name": name, "in": where, "description": description}
         if required:
             spec["required"] = True
@@ -1386,7 +1389,7 @@ def _operations(openapi3: bool) -> dict:
             spec["uniqueItems"] = True
         return spec
 
-    def response(schema_name: str) -> dict:
+    def response(schema_name: str) -> Document:
         prefix = "#/components/schemas/" if openapi3 else "#/definitions/"
         schema = {"$ref": prefix + schema_name}
         if openapi3:
@@ -1407,7 +1410,7 @@ def _operations(openapi3: bool) -> dict:
                       required=True)
     name = param("name", "path", "name of the Requests (the workload)", required=True)
 
-    def operation(action: str, operation_id: str, schema_name: str, params: list) -> dict:
+    def operation(action: str, operation_id: str, schema_name: str, params: list[Document]) -> Document:
         op = {"description": f"{action} {KIND}", "operationId": operation_id, "tags": ["k8sWujiuyeCom_v1beta1"],
               "parameters": params, "responses": response(schema_name),
               "x-kubernetes-action": action, "x-kubernetes-group-version-kind": dict(_GVK)}
@@ -1427,7 +1430,7 @@ def _operations(openapi3: bool) -> dict:
     }
 
 
-def openapi_v3_document() -> dict:
+def openapi_v3_document() -> Document:
     return {"openapi": "3.0.0",
             "info": {"title": "reqapi", "version": __version__,
                      "description": "CPU and memory request predictions (k8s.wujiuye.com/v1beta1)."},
@@ -1435,14 +1438,14 @@ def openapi_v3_document() -> dict:
             "components": {"schemas": _schemas("#/components/schemas/")}}
 
 
-def openapi_v2_document() -> dict:
+def openapi_v2_document() -> Document:
     return {"swagger": "2.0",
             "info": {"title": "reqapi", "version": __version__},
             "paths": _operations(openapi3=False),
             "definitions": _schemas("#/definitions/")}
 
 
-def openapi_v3_root(document_hash: str) -> dict:
+def openapi_v3_root(document_hash: str) -> Document:
     # Only our group version: kube-aggregator merges these keys unfiltered into the cluster's root.
     return {"paths": {f"apis/{GROUP_VERSION}": {
         "serverRelativeURL": f"/openapi/v3/apis/{GROUP_VERSION}?hash={document_hash}"}}}
@@ -1460,7 +1463,7 @@ class StaticDocument(NamedTuple):
     content_type: str
 
 
-def static_document(document: dict, content_type: str = JSON) -> StaticDocument:
+def static_document(document: Document, content_type: str = JSON) -> StaticDocument:
     body = dumps(document)
     return StaticDocument(body, f'"{content_hash(body)}"', content_type)
 
@@ -1547,7 +1550,7 @@ class WatchStream(NamedTuple):
 class HTTPError(Exception):
     """An error answer: becomes a metav1.Status response.  Build it with a named constructor."""
 
-    def __init__(self, code: int, reason: str, message: str, details: Optional[dict] = None,
+    def __init__(self, code: int, reason: str, message: str, details: Optional[Document] = None,
                  headers: tuple[tuple[str, str], ...] = (), retry_after: Optional[int] = None):
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
@@ -1569,7 +1572,7 @@ class HTTPError(Exception):
         return cls(401, "Unauthorized", message)
 
     @classmethod
-    def forbidden(cls, message: str, details: dict) -> "HTTPError":
+    def forbidden(cls, message: str, details: Document) -> "HTTPError":
         return cls(403, "Forbidden", message, details, (("X-Content-Type-Options", "nosniff"),))
 
     @classmethod
@@ -1589,7 +1592,7 @@ class HTTPError(Exception):
         return cls(410, "Expired", message)
 
     @classmethod
-    def internal(cls, message: str, details: Optional[dict] = None) -> "HTTPError":
+    def internal(cls, message: str, details: Optional[Document] = None) -> "HTTPError":
         return cls(500, "InternalError", f"Internal error occurred: {message}", details)
 
     @classmethod
@@ -2107,7 +2110,7 @@ def _watch_options(request: Request, namespace: Optional[str], fields: tuple[Req
 MEMO_LIMIT = 65536      # entries of one memo before it is emptied (a bound on memory)
 
 
-def remember(memo: dict, key: Any, value: Any, limit: int) -> Any:
+def remember(memo: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
     """Store in a memo that is emptied when full: a bound on memory, with no bookkeeping per hit."""
     if len(memo) >= limit:
         memo.clear()
@@ -2204,16 +2207,24 @@ class Change(NamedTuple):
     resource_version: str
 
 
+class Page(NamedTuple):
+    """One page of a list: the generation it comes from, its (key, prediction) items in key order,
+    and, when more follow, the continue token and how many items are left after it."""
+    generation: Generation
+    items: list[tuple[tuple[str, str], Prediction]]
+    continue_token: str = ""
+    remaining: Optional[int] = None
+
+
 class RequestsStorage:
     """get, list and watch of Requests objects over the rules history."""
 
     def __init__(self, history: RulesHistory):
         self.history = history
 
-    def list(self, options: ListOptions) -> tuple[Generation, list[tuple[tuple[str, str], Prediction]], str, Optional[int]]:
-        """The generation, the page of (key, prediction) pairs, its continue token and the number
-        of items after it.  A continue token or an exact resourceVersion that the history no longer
-        holds is a 410 Expired, as in kube-apiserver."""
+    def list(self, options: ListOptions) -> Page:
+        """The page the options ask for.  A continue token or an exact resourceVersion that the
+        history no longer holds is a 410 Expired, as in kube-apiserver."""
         generation = self.history.current
         if options.continue_version:
             generation = self.history.at(options.continue_version)
@@ -2234,7 +2245,7 @@ class RequestsStorage:
             remaining = len(items) - options.limit
             items = items[:options.limit]
             continue_token = encode_continue(generation.resource_version, items[-1][0])
-        return generation, items, continue_token, remaining
+        return Page(generation, items, continue_token, remaining)
 
     def watch(self, options: ListOptions, timeout: float) -> Iterator[Optional[Change]]:
         """The changes a watch sees, for `timeout` seconds or until the history closes; None about
@@ -2379,6 +2390,11 @@ def auth_config_from_configmap(data: dict[str, str]) -> AuthConfig:
     return config
 
 
+# A certificate subject as ssl's getpeercert() gives it: relative distinguished names, each a
+# tuple of (attribute, value) pairs, e.g. ((("commonName", "alice"),), (("organizationName", "dev"),)).
+Subject = tuple[tuple[tuple[str, str], ...], ...]
+
+
 class PeerCertificate(NamedTuple):
     """What the TLS layer proved about the client: its certificate and the CA it chains to."""
     anchor: bytes              # DER of the trust anchor the chain was verified against
@@ -2386,7 +2402,7 @@ class PeerCertificate(NamedTuple):
     organizations: tuple[str, ...]
 
 
-def subject_values(subject: tuple, key: str) -> list[str]:
+def subject_values(subject: Subject, key: str) -> list[str]:
     """The values of one attribute (e.g. commonName) in a subject as ssl's getpeercert() gives it."""
     return [value for rdn in subject for (name, value) in rdn if name == key]
 
@@ -2488,7 +2504,7 @@ class KubeClient:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.context.load_verify_locations(cafile=ca_file)
 
-    def call(self, method: str, path: str, body: Optional[dict] = None) -> dict[str, Any]:
+    def call(self, method: str, path: str, body: Optional[Document] = None) -> Document:
         with open(self.token_file, encoding="utf-8") as handle:   # re-read: projected tokens rotate
             token = handle.read().strip()
         data = json.dumps(body).encode() if body is not None else None
@@ -2562,7 +2578,7 @@ class AlwaysAllow:
 Authorizer = Union[AlwaysAllow, DelegatedAuthorizer]
 
 
-def request_attributes(request: Request, resource_route: bool) -> dict[str, Any]:
+def request_attributes(request: Request, resource_route: bool) -> Document:
     """SubjectAccessReview attributes, as k8s.io/apiserver's RequestInfo derives them: a resource
     request names verb, group, version, resource, namespace and name (a list or watch pinned to
     one name by fieldSelector=metadata.name=X names it too); anything else is a non-resource path."""
@@ -3193,7 +3209,7 @@ class Api:
         return response
 
     def _list(self, options: ListOptions) -> Response:
-        generation, items, continue_token, remaining = self.storage.list(options)
+        generation, items, continue_token, remaining = self.storage.list(options)     # a Page
         now = int(time.time())
         objects = [requests_object(ns, name, prediction, generation.resource_version, now)
                    for (ns, name), prediction in items]
@@ -3469,7 +3485,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     except OSError:
                         pass
 
-    def read_head(self, buffer: bytes) -> tuple:
+    def read_head(self, buffer: bytes) -> tuple[Optional[bytes], bytes]:
         """The next request head, within the idle and read-header timeouts and the size limits.
 
         Waiting for a request, the socket blocks and the reaper enforces the idle timeout.  A head
