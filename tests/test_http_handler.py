@@ -28,6 +28,7 @@ import socket
 import ssl
 import string
 import time
+import types
 import urllib.parse
 import uuid
 from typing import NamedTuple, Optional
@@ -1127,3 +1128,15 @@ def test_connection_tokens_and_zero_length_bodies(server, clean_log):
         assert answer is not None and answer.code == 200, answer
         assert answer.headers.get("connection") == "close"
         assert conn.closed_within(2)
+
+
+def test_a_python_without_the_tls_introspection_reqapi_needs_refuses_to_start(monkeypatch):
+    """The verified chain of a client certificate and the serving certificate's expiry come from
+    CPython APIs outside ssl's documented surface: where they are gone, start-up fails, saying so,
+    instead of trusting no client certificate or reporting an expiry of 0."""
+    assert reqapi.require_tls_introspection()          # this Python has them
+    stripped = types.SimpleNamespace(SSLSocket=type("SSLSocket", (), {}), _ssl=types.SimpleNamespace())
+    monkeypatch.setattr(reqapi, "ssl", stripped)
+    with pytest.raises(reqapi.ConfigError, match=r"lacks SSLSocket\.get_verified_chain .* and "
+                                                 r"ssl\._ssl\._test_decode_cert"):
+        reqapi.require_tls_introspection()
