@@ -259,6 +259,7 @@ class CrossingTrace:
 def traced_runtime(certs, tmp_path):
     if sys.getprofile() is not None or threading.getprofile() is not None:
         pytest.skip("another profiler (e.g. coverage) is installed: the trace would measure it too")
+    # Never closed: a daemon thread of the runtime writing a late line must not hit a reused descriptor.
     fd = os.open(os.devnull, os.O_WRONLY)
     args = reqapi.build_parser().parse_args(["--cert", str(certs.cert_file), "--key", str(certs.key_file),
                                              "--port", "0", "--bind-address", "127.0.0.1",
@@ -272,7 +273,6 @@ def traced_runtime(certs, tmp_path):
     finally:
         threading.setprofile(None)
         runtime.drain()
-        os.close(fd)
 
 
 def test_a_get_of_an_object_crosses_few_sections_and_only_downwards(traced_runtime, certs):
