@@ -1834,7 +1834,7 @@ JSON_OUTPUT = Output()
 def negotiate_object(request: Request) -> Output:
     """Plain JSON or a Table (v1 or v1beta1) for resource endpoints, by the Accept header; 406 otherwise."""
     accept = request.headers.get("accept", "")
-    if not accept:
+    if not accept or accept == JSON:       # the common cases, without parsing (1.5 µs of a GET's ~16)
         return JSON_OUTPUT
     for media in parse_accept(accept):
         if not _json_range(media):
