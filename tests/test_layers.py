@@ -133,7 +133,8 @@ class _Writes(ast.NodeVisitor):
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
         self.scope.append(node.name)
-        made = {target.id for stmt in ast.walk(node) if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call)
+        made = {target.id for stmt in ast.walk(node)
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call)
                 for target in stmt.targets if isinstance(target, ast.Name)}
         made |= {stmt.name for stmt in ast.walk(node) if isinstance(stmt, ast.FunctionDef) and stmt is not node}
         self.local_objects.append(made)
@@ -143,15 +144,19 @@ class _Writes(ast.NodeVisitor):
 
     def _store(self, target: ast.AST, lineno: int) -> None:
         for leaf in ast.walk(target):
-            if isinstance(leaf, (ast.Attribute, ast.Subscript)) and isinstance(leaf.ctx, ast.Store):
-                base = leaf.value
-                while isinstance(base, (ast.Attribute, ast.Subscript)):
-                    base = base.value
-                if not isinstance(base, ast.Name) or base.id in ("self", "cls"):
-                    continue
-                if base.id.isupper() or base.id.startswith("_") and base.id[1:].isupper():
-                    self.module_mutations.append((lineno, ast.unparse(leaf)))
-                elif isinstance(leaf, ast.Attribute) and base.id not in self.local_objects[-1]:
+            if not isinstance(leaf, (ast.Attribute, ast.Subscript)) or not isinstance(leaf.ctx, ast.Store):
+                continue
+            holder = leaf.value          # the object whose attribute or item is written
+            if isinstance(holder, ast.Name) and holder.id.lstrip("_").isupper():        # a module constant
+                self.module_mutations.append((lineno, ast.unparse(leaf)))
+            elif isinstance(leaf, ast.Attribute):
+                # Allowed: self.x = ..., and configuring an object this function just made.
+                if not (isinstance(holder, ast.Name) and (holder.id in ("self", "cls") or
+                                                          holder.id in self.local_objects[-1])):
+                    self.foreign.append((lineno, ".".join(self.scope), ast.unparse(leaf)))
+            elif isinstance(holder, ast.Attribute):
+                # An item of a container: allowed in the function's own self.x, not in self.x.y or other.x.
+                if not (isinstance(holder.value, ast.Name) and holder.value.id in ("self", "cls")):
                     self.foreign.append((lineno, ".".join(self.scope), ast.unparse(leaf)))
 
     def visit_Assign(self, node: ast.Assign) -> None:
@@ -166,7 +171,7 @@ class _Writes(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         function = node.func
         if isinstance(function, ast.Attribute) and isinstance(function.value, ast.Name) and \
-                function.value.id.isupper() and function.attr in (
+                function.value.id.lstrip("_").isupper() and function.attr in (
                     "append", "extend", "insert", "update", "clear", "pop", "popitem", "setdefault", "add",
                     "remove", "discard", "sort", "reverse"):
             self.module_mutations.append((node.lineno, ast.unparse(node)))
@@ -186,8 +191,11 @@ def test_state_is_changed_only_through_its_owner():
 def test_the_state_rule_test_can_fail():
     writes = _Writes()
     writes.visit(ast.parse("def reload(app):\n    app.rules_refused = 'x'\n\nLIMITS = {}\n"
-                           "def grow():\n    LIMITS['a'] = 1\n    LIMITS.update(b=2)\n"))
-    assert writes.foreign == [(2, "reload", "app.rules_refused")]
+                           "def grow():\n    LIMITS['a'] = 1\n    LIMITS.update(b=2)\n"
+                           "class Server:\n    def swap(self):\n        self.api.health.draining = True\n"
+                           "        self.api.memo['k'] = 1\n        self.own['k'] = 1\n        self.ok = 1\n"))
+    assert writes.foreign == [(2, "reload", "app.rules_refused"), (10, "Server.swap", "self.api.health.draining"),
+                              (11, "Server.swap", "self.api.memo['k']")]
     assert [target for _, target in writes.module_mutations] == ["LIMITS['a']", "LIMITS.update(b=2)"]
 
 
