@@ -188,6 +188,23 @@ def test_state_is_changed_only_through_its_owner():
     assert not [node for node in ast.walk(TREE) if isinstance(node, (ast.Global, ast.Nonlocal))]
 
 
+# Private attributes read from outside their object: none but these.
+ALLOWED_PRIVATE_READS = {
+    "os._exit",                  # a second SIGTERM exits at once, skipping cleanup
+    "ssl._ssl",                  # the CPython TLS internals that require_tls_introspection looks up
+    "ssl._ssl._SSLSocket",
+    "tls._sslobj",               # the verified chain before Python 3.13
+    "response._replace",         # NamedTuple's public API, whatever its name says
+}
+
+
+def test_no_function_reads_another_objects_private_attributes():
+    reads = sorted({ast.unparse(node) for node in ast.walk(TREE)
+                    if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))})
+    assert set(reads) <= ALLOWED_PRIVATE_READS, set(reads) - ALLOWED_PRIVATE_READS
+
+
 def test_the_state_rule_test_can_fail():
     writes = _Writes()
     writes.visit(ast.parse("def reload(app):\n    app.rules_refused = 'x'\n\nLIMITS = {}\n"
