@@ -1776,6 +1776,8 @@ def invalid_namespace(segment: str, problem: str) -> HTTPError:
 
 
 def _segment_problem(segment: str) -> Optional[str]:
+    # For the usual path tricks (dot segments, an encoded '/' or '%', a NUL) a plainer reason
+    # than the DNS-1123 regular expression that they also fail.
     if segment in (".", ".."):
         return f"may not be '{segment}'"
     for char, label in (("/", "'/'"), ("%", "'%'"), ("\x00", "a NUL byte")):
