@@ -544,7 +544,7 @@ def _fail(source: str, path: str, problem: str, example: str) -> NoReturn:
 
 
 def _check_object(source: str, value: object, path: str, what: str, allowed: tuple[str, ...],
-                  example: str) -> dict:
+                  example: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         _fail(source, path, f"{what} must be a JSON object, got {_describe(value)}", example)
     for key in getattr(value, "duplicate_keys", ()):
@@ -780,7 +780,7 @@ def _glob(source: str, value: object, path: str, kind: _NameKind) -> _Glob:
         _fail(source, path, str(e), _glob_suggestion(value, kind, e))
 
 
-def _section(source: str, document: dict, key: str) -> tuple[int | None, int | None]:
+def _section(source: str, document: dict[str, Any], key: str) -> tuple[int | None, int | None]:
     if key not in document:
         return None, None
     body = _check_object(source, document[key], key, f'"{key}"', _RESOURCE_KEYS, _EXAMPLE_SECTION[key])
