@@ -7,7 +7,7 @@ connection counts.
     python3 tests/bench.py --quick         # 2 s runs
     python3 tests/bench.py --generator python --routes object --connections 16 --json out.json
 
-Method (see docs/perf-anchors.md in the shared docs): the server runs on one core
+Method: the server runs on one core
 (`taskset -c 0`), the load generator and this harness on another (CPU 1); every request is a
 keep-alive HTTP/1.1 GET over TLS 1.3; server CPU per request = the server's utime+stime during
 the run divided by the requests completed; RSS = VmRSS sampled every 0.1 s.

@@ -2,6 +2,8 @@
 
 Every server here is the real `reqapi.py`, started as a subprocess exactly as a user starts it,
 listening on 127.0.0.1 with a port it picks itself (--port 0; the port is read from its log).
+`Server` is the one way the tests start it (test_layers.py also runs a Runtime in-process, to
+trace it; tests/bench.py, not a test, has its own launcher that pins CPUs).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class Certs:
         self.ca_file = directory / "ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self.cert_file, self.key_file = self.issue("server", "localhost", "127.0.0.1", SERVICE_NAME)
+
+    @classmethod
+    def from_files(cls, ca_file: Path, cert_file: Path, key_file: Path) -> "Certs":
+        """Certificates made elsewhere (e.g. by gen_certs.sh): a serving certificate and its CA."""
+        certs = cls.__new__(cls)
+        certs.directory, certs.ca = Path(cert_file).parent, None
+        certs.ca_file, certs.cert_file, certs.key_file = Path(ca_file), Path(cert_file), Path(key_file)
+        return certs
 
     def issue(self, stem: str, *names: str) -> tuple:
         leaf = self.ca.issue_cert(*names)

@@ -10,19 +10,20 @@ double stays for what the real one cannot do when a test wants it: answer 403 or
 500 after a good read, decide reviews with a reason of its own, and count every
 request reqapi sends it (to prove the review cache).
 
-What it serves, shaped after ``/work/shared/docs/aggregator-contract.md``:
+What it serves, shaped after what kube-apiserver serves an extension API server:
 
-* §5.2 -- ``GET /api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication``
+* the authentication ConfigMap -- ``GET /api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication``
   returns a full ``v1`` ConfigMap whose ``data`` holds CA PEM bundles and
   JSON-encoded string arrays (``requestheader-allowed-names`` and the header
   lists).  The response can be switched to 403 (RoleBinding to
   ``extension-apiserver-authentication-reader`` missing), 404, 500 (or 401/503).
-* §6 -- ``POST /apis/authorization.k8s.io/v1/subjectaccessreviews`` takes the
-  SubjectAccessReview body shown there, validates it (kind/apiVersion -> 400;
+* SubjectAccessReviews -- ``POST /apis/authorization.k8s.io/v1/subjectaccessreviews`` takes the
+  SubjectAccessReview body (``apiVersion: authorization.k8s.io/v1``, ``kind``, ``spec`` with the user,
+  groups, extra, uid and resourceAttributes or nonResourceAttributes), validates it (kind/apiVersion -> 400;
   spec rules of ``ValidateSubjectAccessReviewSpec`` -> 422 Invalid), and answers
   ``201 Created`` with the same object plus ``metadata`` and a ``status``
   produced by a pluggable ``sar_decider`` (default: allow everything).
-* §7 -- every error is a ``metav1.Status`` (``kind: Status, apiVersion: v1``,
+* errors -- every error is a ``metav1.Status`` (``kind: Status, apiVersion: v1``,
   Go's key order, ``metadata: {}``, omitempty fields left out),
   ``Content-Type: application/json``; 401/403 also carry
   ``X-Content-Type-Options: nosniff``.  A missing or wrong bearer token gives

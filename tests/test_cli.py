@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import reqapi
 from conftest import REQAPI, RULES, wait_until, write_rules
 
 
@@ -126,3 +127,18 @@ def test_json_log_format(start_server):
     assert wait_until(lambda: any(r.get("msg") == "request" and r["path"] == "/version" and r["status"] == 200
                                   for r in records()))
     assert all({"time", "level", "msg"} <= set(r) for r in records())
+
+
+def test_the_readme_quotes_errors_as_reqapi_words_them(tmp_path):
+    readme = " ".join((REQAPI.parent / "README.md").read_text(encoding="utf-8").split())
+    rules = tmp_path / "rules.json"
+    rules.write_text('{"rules": [{"id": "a", "cpu": "1"}, {"id": "b", "memory": "2GB"}]}')
+    refused = run("--rules", str(rules), "--check")
+    assert refused.returncode == 2
+    message = refused.stderr.strip().removeprefix("error: ").replace(str(rules), "rules.json")
+    assert f"`{message}`" in readme, message
+    # The README's example of a Status message: its quoting of the name, and the text up to its "…".
+    with pytest.raises(reqapi.HTTPError) as refusal:
+        reqapi.checked_workload("default", "Web")
+    quoted = re.search(r"`(Name parameter invalid: [^`]*?) …`", readme)
+    assert quoted and refusal.value.message.startswith(quoted.group(1)), (quoted, refusal.value.message)

@@ -26,18 +26,18 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import ssl
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from conftest import Certs, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -79,7 +79,6 @@ SELECTOR = {
 APACHE_2_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
 
 CMD_TIMEOUT = 60  # seconds, for any single external command
-READY_DEADLINE = 30  # seconds for reqapi to answer /readyz 200
 
 
 # --------------------------------------------------------------------------- helpers
@@ -139,12 +138,6 @@ def _cert_dates(path: Path) -> tuple[dt.datetime, dt.datetime]:
     fmt = "%b %d %H:%M:%S %Y %Z"
     parse = lambda s: dt.datetime.strptime(" ".join(s.split()), fmt)  # noqa: E731
     return parse(fields["notBefore"]), parse(fields["notAfter"])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _printed_commands(stdout: str) -> dict[str, Any]:
@@ -244,67 +237,23 @@ def _dechunk(body: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(certs: dict[str, Any], module_tmp: Path) -> Iterator[dict[str, Any]]:
+def server(certs: dict[str, Any], module_tmp: Path) -> Iterator[Server]:
     """The real reqapi.py, serving gen_certs.sh's certificate on 127.0.0.1:<free port>."""
-    with _reqapi(certs, module_tmp, "reqapi.log") as running:
+    with _reqapi(certs, module_tmp, "reqapi") as running:
         yield running
 
 
 @contextlib.contextmanager
-def _reqapi(certs: dict[str, Any], tmp: Path, log_name: str, *extra: str) -> Iterator[dict[str, Any]]:
+def _reqapi(certs: dict[str, Any], tmp: Path, name: str, *extra: str) -> Iterator[Server]:
+    """The real reqapi.py with gen_certs.sh's certificates, started the tests' one way (conftest.Server)."""
     if not REQAPI.exists():
         pytest.skip(f"{REQAPI} does not exist yet")
-    port = _free_port()
-    log_path = tmp / log_name
-    cmd = [sys.executable, str(REQAPI), "--cert", str(certs["cert"]), "--key", str(certs["key"]),
-           "--port", str(port), "--bind-address", "127.0.0.1", *extra]
-    env = _offline_env(tmp)
-    # not in a pod: make sure reqapi does not think it runs in-cluster
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    env.pop("KUBERNETES_SERVICE_PORT", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=tmp, env=env)
+    running = Server(Certs.from_files(certs["ca"], certs["cert"], certs["key"]), tmp / name,
+                     ["--shutdown-delay", "0", *extra], env=_offline_env(tmp))
     try:
-        ctx = ssl.create_default_context(cafile=str(certs["ca"]))
-        deadline = time.monotonic() + READY_DEADLINE
-        last_error: object = None
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"reqapi exited with {proc.returncode} before becoming ready:\n"
-                            f"{log_path.read_text(errors='replace')}")
-            try:
-                status, body = _https_get(port, "/readyz", ctx, SERVICE_HOST, timeout=2)
-                if status == 200:
-                    break
-                last_error = (status, body[:200])
-            except (OSError, ssl.SSLError, ValueError, IndexError) as exc:
-                last_error = exc
-            if time.monotonic() > deadline:
-                pytest.fail(f"reqapi not ready within {READY_DEADLINE}s (last: {last_error!r}):\n"
-                            f"{log_path.read_text(errors='replace')}")
-            time.sleep(0.05)  # poll interval, not synchronisation
-        yield {"port": port, "proc": proc, "log": log_path, "cmd": cmd}
+        yield running.start()
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)  # graceful: readiness off, delay, drain
-    try:
-        proc.wait(timeout=3)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    proc.send_signal(signal.SIGTERM)  # a second signal means "exit now"
-    try:
-        proc.wait(timeout=3)
-        return
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+        running.stop()
 
 
 # --------------------------------------------------------------------------- manifests
@@ -781,9 +730,9 @@ def test_rules_configmap_accepted_by_reqapi(rules_file: Path, module_tmp: Path) 
         assert obj["metadata"]["annotations"][f"{GROUP}/rule"] == rule, (target, obj)
 
 
-def test_server_trusted_by_curl(server: dict[str, Any], certs: dict[str, Any]) -> None:
+def test_server_trusted_by_curl(server: Server, certs: dict[str, Any]) -> None:
     curl = _require_tool("curl")
-    port = server["port"]
+    port = server.port
     url = f"https://{SERVICE_HOST}:{port}/apis/{GROUP}/{VERSION}"
     proc = _run([curl, "-sS", "--max-time", "10", "--noproxy", "*", "--cacert", str(certs["ca"]),
                  "--resolve", f"{SERVICE_HOST}:{port}:127.0.0.1", "-H", "Accept: application/json",
@@ -796,31 +745,31 @@ def test_server_trusted_by_curl(server: dict[str, Any], certs: dict[str, Any]) -
     assert any(r["name"] == "requests" for r in doc["resources"])
 
 
-def test_server_trusted_by_python_ssl(server: dict[str, Any], certs: dict[str, Any]) -> None:
+def test_server_trusted_by_python_ssl(server: Server, certs: dict[str, Any]) -> None:
     ctx = ssl.create_default_context(cafile=str(certs["ca"]))
-    status, body = _https_get(server["port"], f"/apis/{GROUP}/{VERSION}", ctx, SERVICE_HOST)
+    status, body = _https_get(server.port, f"/apis/{GROUP}/{VERSION}", ctx, SERVICE_HOST)
     assert status == 200
     assert json.loads(body)["kind"] == "APIResourceList"
     # Python >= 3.13 (the distroless runtime) adds VERIFY_X509_STRICT by default
     strict = ssl.create_default_context(cafile=str(certs["ca"]))
     strict.verify_flags |= ssl.VERIFY_X509_STRICT
-    assert _https_get(server["port"], "/readyz", strict, SERVICE_HOST)[0] == 200
+    assert _https_get(server.port, "/readyz", strict, SERVICE_HOST)[0] == 200
     # hostname verification is real: another Service name must be rejected
     with pytest.raises(ssl.SSLCertVerificationError):
-        _https_get(server["port"], "/readyz", ctx, "other-service.default.svc")
+        _https_get(server.port, "/readyz", ctx, "other-service.default.svc")
     # and a client that does not trust our CA is rejected
     with pytest.raises(ssl.SSLCertVerificationError):
-        _https_get(server["port"], "/readyz", ssl.create_default_context(), SERVICE_HOST)
+        _https_get(server.port, "/readyz", ssl.create_default_context(), SERVICE_HOST)
 
 
-def test_server_trusted_by_kubectl(server: dict[str, Any], certs: dict[str, Any], tmp_path: Path) -> None:
+def test_server_trusted_by_kubectl(server: Server, certs: dict[str, Any], tmp_path: Path) -> None:
     """kubectl verifies with Go's crypto/x509 like kube-apiserver's aggregator (no CN fallback)."""
     kubectl = _require_tool("kubectl")
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "preferences": {},
         "clusters": [{"name": "reqapi", "cluster": {
-            "server": f"https://127.0.0.1:{server['port']}",
+            "server": f"https://127.0.0.1:{server.port}",
             "certificate-authority": str(certs["ca"]),
             "tls-server-name": SERVICE_HOST}}],
         # Some credential is needed, or kubectl prompts for a username. reqapi started
@@ -844,8 +793,8 @@ def test_server_trusted_by_kubectl(server: dict[str, Any], certs: dict[str, Any]
 def test_server_accepts_gen_certs_client_certificate(certs: dict[str, Any], tmp_path: Path) -> None:
     """gen_certs.sh --client: the client cert is accepted by reqapi --client-ca-file (trying mTLS locally)."""
     curl = _require_tool("curl")
-    with _reqapi(certs, tmp_path, "reqapi-mtls.log", "--client-ca-file", str(certs["ca"])) as running:
-        port = running["port"]
+    with _reqapi(certs, tmp_path, "reqapi-mtls", "--client-ca-file", str(certs["ca"])) as running:
+        port = running.port
         url = f"https://{SERVICE_HOST}:{port}/apis/{GROUP}/{VERSION}"
         proc = _run([curl, "-sS", "--max-time", "10", "--noproxy", "*", "--cacert", str(certs["ca"]),
                      "--cert", str(certs["client_cert"]), "--key", str(certs["client_key"]),

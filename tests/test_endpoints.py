@@ -7,9 +7,13 @@ import re
 import signal
 import socket
 import ssl
+import threading
 import time
+import warnings
 
 import pytest
+
+import reqapi
 
 from conftest import AGGREGATED_ACCEPT, GV, RULES, TABLE_ACCEPT, write_rules
 
@@ -372,7 +376,7 @@ def test_aggregated_discovery_v2beta1_when_only_that_is_offered(server):
 
 
 def test_aggregated_only_accept_that_we_cannot_meet_is_406(server):
-    # Old kube-apiservers fall back to legacy discovery only on 406 (aggregator-contract.md §2.3).
+    # Old kube-apiservers fall back to legacy discovery (APIGroupList) only on a 406, not on other errors.
     assert_status(server.get("/apis", {"Accept": "application/json;g=apidiscovery.k8s.io;v=v3;as=APIGroupDiscoveryList"}),
                   406, "NotAcceptable")
 
@@ -499,31 +503,127 @@ def test_request_log_line(server):
                      line.group(0)), line.group(0)
 
 
-def test_responses_are_single_writes_with_keep_alive(server):
-    connection = server.connection()
-    for _ in range(3):
-        connection.request("GET", OBJECT)
-        response = connection.getresponse()
-        assert response.status == 200 and response.getheader("Connection") is None
-        response.read()
-    connection.request("GET", OBJECT, headers={"Connection": "close"})
-    response = connection.getresponse()
-    assert response.getheader("Connection") == "close"
-    connection.close()
+class RecordCountingClient:
+    """A TLS client over a plain socket and memory BIOs, so that it sees the TLS records the server
+    sends: a response written with one sendall arrives in one application-data record (it is far
+    below the 16 KiB record limit), a head and a body written apart arrive in two."""
+
+    def __init__(self, server, certs):
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = certs.client_context()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2      # no TLS 1.3 session tickets among the records
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.raw = b""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._receive()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        self.raw += chunk
+        self.incoming.write(chunk)
+
+    def get(self, path: str, headers: str = "") -> tuple[bytes, int]:
+        """The response to one GET (with a Content-Length body), and how many TLS records carried it."""
+        self.raw = b""
+        self.tls.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
+        self._flush()
+        response = b""
+        while True:
+            try:
+                response += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._receive()
+                continue
+            head, _, body = response.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            if length and len(body) >= int(length.group(1)):
+                return response, self._records()
+
+    def _records(self) -> int:
+        count, position = 0, 0
+        while position + 5 <= len(self.raw):
+            kind, size = self.raw[position], int.from_bytes(self.raw[position + 3:position + 5], "big")
+            count += kind == 23            # application data
+            position += 5 + size
+        return count
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def test_alpn_is_http11_and_tls12_minimum(server, certs):
+def test_responses_are_single_writes_with_keep_alive(server, certs):
+    client = RecordCountingClient(server, certs)
+    try:
+        for _ in range(3):
+            response, records = client.get(OBJECT)
+            assert response.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection:" not in response
+            assert records == 1, f"the response came in {records} TLS records: it was written in pieces"
+        response, records = client.get("/readyz?verbose", "")
+        assert response.startswith(b"HTTP/1.1 200 ") and records == 1, (records, response[:200])
+        response, records = client.get(OBJECT, "Connection: close\r\n")
+        assert b"\r\nConnection: close\r\n" in response and records == 1
+    finally:
+        client.close()
+
+
+def test_tls_1_1_clients_are_refused_and_alpn_is_http11(server, certs):
     context = certs.client_context()
     context.set_alpn_protocols(["h2", "http/1.1"])
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.selected_alpn_protocol() == "http/1.1"
-    old = certs.client_context()
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
-    old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+    assert reqapi.build_tls_context(str(certs.cert_file), str(certs.key_file),
+                                    reqapi.AuthConfig()).minimum_version == ssl.TLSVersion.TLSv1_2
+
+    def tls11_client() -> ssl.SSLContext:
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")   # OpenSSL 3 refuses TLS 1.1 at the default level
+        return old
+
+    # The control: the same client against a server that allows TLS 1.0.  Without it, a client
+    # that cannot speak TLS 1.1 at all (OpenSSL 3 builds may not) would "prove" the refusal.
+    permissive = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        permissive.minimum_version = ssl.TLSVersion.TLSv1
+    permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+    permissive.load_cert_chain(str(certs.cert_file), str(certs.key_file))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept_one() -> None:
+            conn, _ = listener.accept()
+            try:
+                with permissive.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+        threading.Thread(target=accept_one, daemon=True).start()
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+                with tls11_client().wrap_socket(raw) as tls:
+                    assert tls.version() == "TLSv1.1"
+        except ssl.SSLError as error:
+            pytest.skip(f"this Python's OpenSSL cannot speak TLS 1.1 even to a server that allows it ({error}): "
+                        f"the refusal cannot be shown over the network here")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         with pytest.raises(ssl.SSLError):
-            old.wrap_socket(raw, server_hostname="localhost")
+            tls11_client().wrap_socket(raw)
     assert server.get(OBJECT).status == 200
 
 

@@ -3,7 +3,8 @@
 CAs (trustme): the serving CA (conftest `certs`), a front-proxy CA whose client certificate has
 CN front-proxy-client (as kubeadm's), a client CA for direct callers, and an unknown CA.
 The in-cluster tests use tests/fake_apiserver.py, a test double of kube-apiserver (no
-kube-apiserver can run here); it follows aggregator-contract.md §5.2, §6 and §7.
+kube-apiserver can run here) that serves the authentication ConfigMap, SubjectAccessReviews and
+metav1.Status errors the way kube-apiserver does (its module docstring says exactly what it imitates).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Real clients against a real reqapi: the kubectl binary and the Python `kubernetes` DynamicClient.
 
-Every assertion is on what the client prints or returns (see docs kubectl-trace.md for what kubectl sends).
+Every assertion is on what the client prints or returns (kubectl's own requests: discovery with the
+aggregated Accept header, OpenAPI v3, Table lists, watches with resourceVersion and timeoutSeconds).
 Tests that need `--rules` use either a module-wide rules server (read-only tests) or a server of their own
 (watch tests, which change the rules).  Nothing here sleeps to synchronise: streams are read with deadlines.
 """

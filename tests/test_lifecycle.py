@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+import reqapi
 from conftest import GV, RULES, Certs, Server, wait_until, write_rules
 
 OBJECT = f"{GV}/namespaces/shop/requests/checkout"
@@ -25,6 +27,34 @@ def changed_rules(checkout_cpu: str) -> dict:
     document = json.loads(json.dumps(RULES))
     document["rules"][2]["cpu"] = checkout_cpu
     return document
+
+
+# The configuration: built and checked once from the flags
+
+def config_of(*flags: str, environ: dict | None = None) -> reqapi.Config:
+    return reqapi.Config.from_args(reqapi.build_parser().parse_args(list(flags)), environ or {})
+
+
+def test_the_config_is_frozen_and_decides_once_whether_it_runs_in_a_pod(certs, tmp_path):
+    given = ("--cert", str(certs.cert_file), "--key", str(certs.key_file), "--service-account-dir", str(tmp_path),
+             "--requestheader-username-headers", "X-Remote-User, X-Other")
+    outside = config_of(*given, environ={"KUBERNETES_SERVICE_HOST": "10.0.0.1"})     # no token: not a pod
+    assert outside.kube_url is None and outside.shutdown_delay == 0
+    assert outside.requestheader_username_headers == ("x-remote-user", "x-other")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outside.port = 1                                                             # type: ignore[misc]
+    (tmp_path / "token").write_text("token")
+    inside = config_of(*given, environ={"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"})
+    assert inside.kube_url == "https://[fd00::1]:6443"
+    assert inside.shutdown_delay == reqapi.Config.IN_POD_SHUTDOWN_DELAY
+    assert config_of(*given, "--shutdown-delay", "3s", environ={"KUBERNETES_SERVICE_HOST": "h"}).shutdown_delay == 3
+
+
+def test_the_config_refuses_flags_that_do_not_go_together(certs):
+    with pytest.raises(reqapi.ConfigError, match="--cert and --key go together"):
+        config_of("--cert", str(certs.cert_file))
+    with pytest.raises(reqapi.ConfigError, match="--authorization-mode=Delegated .* needs to run in a pod"):
+        config_of("--cert", str(certs.cert_file), "--key", str(certs.key_file), "--authorization-mode", "Delegated")
 
 
 # Rules reloads

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reqapi
-from reqapi import DEFAULT_RULES, Prediction, RulesError, load_rules, named_workloads, parse_rules, predict
+from reqapi import DEFAULT_RULES, Prediction, RulesError, load_rules, named_workloads, parse_rules
 from test_quantities import LABEL_MESSAGE, SUBDOMAIN_MESSAGE
 
 MI = 2**20
@@ -38,11 +38,11 @@ def rules_of(document, source="rules.json"):
 
 def test_example_file_predictions():
     rules = rules_of(EXAMPLE)
-    assert predict(rules, "prod-eu", "web-api") == Prediction("500m", "512Mi", "prod-api")
-    assert predict(rules, "prod-eu", "nightly-job") == Prediction("100m", "2Gi", "jobs")   # cpu from defaults
-    assert predict(rules, "shop", "checkout") == Prediction("2", "3Gi", "checkout")
-    assert predict(rules, "shop", "checkout-2") == Prediction("100m", "100Mi", "default")
-    assert predict(rules, "staging", "web-api") == Prediction("100m", "100Mi", "default")
+    assert rules.predict("prod-eu", "web-api") == Prediction("500m", "512Mi", "prod-api")
+    assert rules.predict("prod-eu", "nightly-job") == Prediction("100m", "2Gi", "jobs")   # cpu from defaults
+    assert rules.predict("shop", "checkout") == Prediction("2", "3Gi", "checkout")
+    assert rules.predict("shop", "checkout-2") == Prediction("100m", "100Mi", "default")
+    assert rules.predict("staging", "web-api") == Prediction("100m", "100Mi", "default")
     assert rules.source == "rules.json"
     assert rules.defaults == reqapi.Amounts(100, 100)
     assert rules.min == reqapi.Amounts(10, 16)
@@ -53,7 +53,7 @@ def test_example_file_predictions():
 
 
 def test_default_rules():
-    assert predict(DEFAULT_RULES, "any", "thing") == Prediction("100m", "100Mi", "default")
+    assert DEFAULT_RULES.predict("any", "thing") == Prediction("100m", "100Mi", "default")
     assert DEFAULT_RULES.source == "built-in default"
     assert DEFAULT_RULES.rules == ()
     assert DEFAULT_RULES.min == reqapi.Amounts(None, None) == DEFAULT_RULES.max
@@ -69,12 +69,12 @@ def test_first_match_wins_in_file_order():
         {"id": "everything", "cpu": "3"},
         {"id": "never", "namespace": "prod", "name": "web", "cpu": "4"},   # shadowed by "specific"
     ]})
-    assert predict(rules, "prod", "web").rule == "specific"
-    assert predict(rules, "prod", "api").rule == "broad"
-    assert predict(rules, "dev", "web").rule == "everything"
+    assert rules.predict("prod", "web").rule == "specific"
+    assert rules.predict("prod", "api").rule == "broad"
+    assert rules.predict("dev", "web").rule == "everything"
     reordered = rules_of({"rules": [{"id": "everything", "cpu": "3"},
                                     {"id": "specific", "namespace": "prod", "name": "web", "cpu": "1"}]})
-    assert predict(reordered, "prod", "web").rule == "everything"
+    assert reordered.predict("prod", "web").rule == "everything"
 
 
 def test_order_holds_across_exact_and_glob_namespaces():
@@ -84,18 +84,18 @@ def test_order_holds_across_exact_and_glob_namespaces():
         {"id": "exact", "namespace": "prod", "name": "*", "cpu": "2"},
         {"id": "glob-late", "namespace": "*", "name": "*-api", "cpu": "3"},
     ]})
-    assert predict(rules, "prod", "abc").rule == "glob-first"
-    assert predict(rules, "prod", "x-api").rule == "exact"
-    assert predict(rules, "dev", "x-api").rule == "glob-late"
+    assert rules.predict("prod", "abc").rule == "glob-first"
+    assert rules.predict("prod", "x-api").rule == "exact"
+    assert rules.predict("dev", "x-api").rule == "glob-late"
 
 
 def test_inheritance_from_defaults():
     rules = rules_of({"defaults": {"cpu": "250m"},
                       "rules": [{"id": "cpu-only", "name": "a", "cpu": "1"},
                                 {"id": "mem-only", "name": "b", "memory": "1Gi"}]})
-    assert predict(rules, "ns", "a") == Prediction("1", "100Mi", "cpu-only")      # memory: built-in default
-    assert predict(rules, "ns", "b") == Prediction("250m", "1Gi", "mem-only")     # cpu: file default
-    assert predict(rules, "ns", "c") == Prediction("250m", "100Mi", "default")
+    assert rules.predict("ns", "a") == Prediction("1", "100Mi", "cpu-only")      # memory: built-in default
+    assert rules.predict("ns", "b") == Prediction("250m", "1Gi", "mem-only")     # cpu: file default
+    assert rules.predict("ns", "c") == Prediction("250m", "100Mi", "default")
 
 
 def test_clamps_on_both_sides():
@@ -109,11 +109,11 @@ def test_clamps_on_both_sides():
             {"id": "inside", "name": "inside", "cpu": "250m", "memory": "256Mi"},
             {"id": "edges", "name": "edges", "cpu": "50m", "memory": "8Gi"},
         ]})
-    assert predict(rules, "ns", "tiny") == Prediction("50m", "64Mi", "tiny")
-    assert predict(rules, "ns", "huge") == Prediction("4", "8Gi", "huge")
-    assert predict(rules, "ns", "inside") == Prediction("250m", "256Mi", "inside")
-    assert predict(rules, "ns", "edges") == Prediction("50m", "8Gi", "edges")
-    assert predict(rules, "ns", "other") == Prediction("50m", "8Gi", "default")
+    assert rules.predict("ns", "tiny") == Prediction("50m", "64Mi", "tiny")
+    assert rules.predict("ns", "huge") == Prediction("4", "8Gi", "huge")
+    assert rules.predict("ns", "inside") == Prediction("250m", "256Mi", "inside")
+    assert rules.predict("ns", "edges") == Prediction("50m", "8Gi", "edges")
+    assert rules.predict("ns", "other") == Prediction("50m", "8Gi", "default")
     assert rules.defaults == reqapi.Amounts(5, 102400)                            # stored unclamped
 
 
@@ -121,7 +121,7 @@ def test_clamps_compare_in_canonical_units():
     # "1.5m" is 2m after rounding up; "1e6" bytes is 1Mi. Equal after rounding means no clamp change.
     rules = rules_of({"min": {"cpu": "1.5m", "memory": "1e6"}, "max": {"cpu": "2m", "memory": "1Mi"},
                       "rules": [{"id": "r", "cpu": "1m", "memory": "1"}]})
-    assert predict(rules, "a", "b") == Prediction("2m", "1Mi", "r")
+    assert rules.predict("a", "b") == Prediction("2m", "1Mi", "r")
 
 
 def test_zero_minimum_means_no_minimum():
@@ -129,31 +129,31 @@ def test_zero_minimum_means_no_minimum():
     without = rules_of({"rules": [{"id": "r", "cpu": "1m"}]})
     assert with_zero.min == reqapi.Amounts(None, None)
     assert with_zero.digest == without.digest
-    assert predict(with_zero, "a", "b") == Prediction("1m", "100Mi", "r")
+    assert with_zero.predict("a", "b") == Prediction("1m", "100Mi", "r")
 
 
 def test_partial_sections():
     rules = rules_of({"defaults": {"memory": "1Gi"}, "min": {"memory": "2Gi"}, "max": {"cpu": "1"},
                       "rules": [{"id": "r", "name": "big", "cpu": "8"}]})
-    assert predict(rules, "a", "x") == Prediction("100m", "2Gi", "default")
-    assert predict(rules, "a", "big") == Prediction("1", "2Gi", "r")
+    assert rules.predict("a", "x") == Prediction("100m", "2Gi", "default")
+    assert rules.predict("a", "big") == Prediction("1", "2Gi", "r")
 
 
 def test_min_equal_to_max_is_fine():
     rules = rules_of({"min": {"cpu": "1"}, "max": {"cpu": "1000m"}})
-    assert predict(rules, "a", "b").cpu == "1"
+    assert rules.predict("a", "b").cpu == "1"
 
 
 def test_values_are_rounded_up_to_canonical_units():
     rules = rules_of({"rules": [{"id": "s", "name": "s", "cpu": "3.14159", "memory": "1.1Gi"},
                                 {"id": "r", "cpu": "0.1m", "memory": "129e6"}]})
-    assert predict(rules, "a", "s") == Prediction("3142m", "1127Mi", "s")
-    assert predict(rules, "a", "b") == Prediction("1m", "124Mi", "r")
+    assert rules.predict("a", "s") == Prediction("3142m", "1127Mi", "s")
+    assert rules.predict("a", "b") == Prediction("1m", "124Mi", "r")
 
 
 def test_empty_rules_list_and_no_sections():
-    assert predict(rules_of({"rules": []}), "a", "b") == Prediction("100m", "100Mi", "default")
-    assert predict(rules_of({}), "a", "b") == Prediction("100m", "100Mi", "default")
+    assert rules_of({"rules": []}).predict("a", "b") == Prediction("100m", "100Mi", "default")
+    assert rules_of({}).predict("a", "b") == Prediction("100m", "100Mi", "default")
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,10 +183,10 @@ def one_rule(namespace="*", name="*"):
 def test_name_glob_features(glob, matches, misses):
     rules = one_rule(name=glob)
     for name in matches:
-        assert predict(rules, "ns", name).rule == "r", name
+        assert rules.predict("ns", name).rule == "r", name
         assert fnmatch.fnmatchcase(name, glob)
     for name in misses:
-        assert predict(rules, "ns", name).rule == "default", name
+        assert rules.predict("ns", name).rule == "default", name
         assert not fnmatch.fnmatchcase(name, glob)
 
 
@@ -199,31 +199,31 @@ def test_name_glob_features(glob, matches, misses):
 def test_namespace_glob_features(glob, matches, misses):
     rules = one_rule(namespace=glob)
     for namespace in matches:
-        assert predict(rules, namespace, "w").rule == "r", namespace
+        assert rules.predict(namespace, "w").rule == "r", namespace
     for namespace in misses:
-        assert predict(rules, namespace, "w").rule == "default", namespace
+        assert rules.predict(namespace, "w").rule == "default", namespace
 
 
 def test_globs_are_case_sensitive_and_separate_namespace_from_name():
     rules = one_rule(namespace="a*", name="*b")
-    assert predict(rules, "a", "b").rule == "r"
-    assert predict(rules, "ab", "x").rule == "default"      # the namespace glob cannot eat into the name
-    assert predict(rules, "a\x00x", "b").rule == "default"   # a separator smuggled into an argument
-    assert predict(rules, "A", "b").rule == "default"
+    assert rules.predict("a", "b").rule == "r"
+    assert rules.predict("ab", "x").rule == "default"      # the namespace glob cannot eat into the name
+    assert rules.predict("a\x00x", "b").rule == "default"   # a separator smuggled into an argument
+    assert rules.predict("A", "b").rule == "default"
 
 
 def test_predict_refuses_non_strings():
     for namespace, name in ((None, "a"), ("a", None), (b"a", "b")):
         with pytest.raises(TypeError):
-            predict(one_rule(), namespace, name)
+            one_rule().predict(namespace, name)
 
 
 def test_predict_is_pure():
     rules = rules_of(EXAMPLE)
     before = (repr(rules), rules._by_namespace.copy(), rules._wild, rules._predictions)
     for _ in range(3):
-        assert predict(rules, "prod-eu", "web-api") is predict(rules, "prod-eu", "web-api")
-        predict(rules, "nope", "nope")
+        assert rules.predict("prod-eu", "web-api") is rules.predict("prod-eu", "web-api")
+        rules.predict("nope", "nope")
     assert (repr(rules), rules._by_namespace.copy(), rules._wild, rules._predictions) == before
     with pytest.raises(dataclasses.FrozenInstanceError):
         rules.source = "x"
@@ -271,7 +271,7 @@ def test_predict_agrees_with_reference(pairs, asked):
     for namespace, name in asked + [(ns, n) for ns, n in pairs if "*" not in ns + n and "?" not in ns + n
                                     and "[" not in ns + n]:
         expected = reference(pairs, namespace, name)
-        got = predict(rules, namespace, name)
+        got = rules.predict(namespace, name)
         assert got.rule == expected, (namespace, name)
         if expected != "default":
             assert got.cpu == f"{int(expected[1:]) + 1}m"
@@ -303,7 +303,7 @@ def test_predict_agrees_with_reference_on_a_large_deterministic_set():
         name = generator.choice([f"svc{generator.randrange(700)}-api", f"x-w{generator.randrange(700)}",
                                  f"a{generator.randrange(30)}b", f"job-{generator.randrange(60)}x",
                                  f"svc{generator.randrange(30)}", "zzz"])
-        assert predict(rules, namespace, name).rule == reference(pairs, namespace, name), (namespace, name)
+        assert rules.predict(namespace, name).rule == reference(pairs, namespace, name), (namespace, name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def test_load_rules_round_trip(tmp_path):
     path = write(tmp_path, json.dumps(EXAMPLE, indent=2))
     rules = load_rules(path)
     assert rules.source == path
-    assert predict(rules, "shop", "checkout") == Prediction("2", "3Gi", "checkout")
+    assert rules.predict("shop", "checkout") == Prediction("2", "3Gi", "checkout")
     assert rules.digest == rules_of(EXAMPLE).digest
 
 
@@ -490,7 +490,7 @@ def test_load_rules_encoding(tmp_path):
     assert load_rules(write(tmp_path, b'\xef\xbb\xbf{"rules": []}')).rules == ()     # BOM tolerated
     refused_file(write(tmp_path, b'{"rules": [\n{"id": "\xff"}]}'), "line 2 column 9", "not valid UTF-8")
     rules = load_rules(write(tmp_path, '{"rules": [{"id": "caf\u00e9", "cpu": "1"}]}'))
-    assert predict(rules, "a", "b").rule == "caf\u00e9"
+    assert rules.predict("a", "b").rule == "caf\u00e9"
 
 
 def test_load_rules_missing_file(tmp_path):
@@ -557,12 +557,11 @@ def test_named_workloads():
 
 
 # ---------------------------------------------------------------------------------------
-# Speed: a guard against accidental quadratic/backtracking regressions (generous bounds;
-# bench_predict.py prints the real figures)
+# Speed: a guard against accidental linear-scan or backtracking regressions.  It compares two
+# timings taken side by side (a machine's load slows both alike) instead of a wall-clock threshold.
 # ---------------------------------------------------------------------------------------
 
 def thousand_rules(shape):
-    # Same shapes as bench_predict.py, which prints the real figures.
     rules = []
     for i in range(1000):
         if shape == "prefix":
@@ -575,17 +574,25 @@ def thousand_rules(shape):
     return parse_rules({"rules": rules}, shape)
 
 
+def seconds_per_call(rules, namespace: str, name: str, calls: int = 2000) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        rules.predict(namespace, name)
+    return (time.perf_counter() - start) / calls
+
+
 @pytest.mark.parametrize("shape", ["prefix", "suffix", "mixed"])
-def test_a_thousand_rules_answer_in_microseconds(shape):
+def test_a_thousand_rules_cost_about_what_one_rule_costs(shape):
     rules = thousand_rules(shape)
+    one = parse_rules({"rules": [{"id": "r0", "cpu": "1m", "name": "svc0-*"}]}, "one")
     cases = {"prefix": [("team990-prod", "svc990-api"), ("other", "thing")],
              "suffix": [("payments", "billing-svc990"), ("payments", "billing-worker")],
              "mixed": [("tb990-prod", "billing-w990ab"), ("payments", "billing-worker")]}[shape]
-    assert predict(rules, *cases[0]).rule == "r990"
-    assert predict(rules, *cases[1]).rule == "default"
+    assert rules.predict(*cases[0]).rule == "r990"
+    assert rules.predict(*cases[1]).rule == "default"
     for namespace, name in cases:
-        start = time.perf_counter()
-        for _ in range(2000):
-            predict(rules, namespace, name)
-        per_call = (time.perf_counter() - start) / 2000
-        assert per_call < 50e-6, (shape, namespace, name, per_call)
+        # Interleaved, best of five: a scan over the 1,000 rules would be hundreds of times slower
+        # than one rule (a naive scan measured ~1,000x); the lanes keep it within a small factor (1-8 here).
+        ratios = [seconds_per_call(rules, namespace, name) / seconds_per_call(one, namespace, name)
+                  for _ in range(5)]
+        assert min(ratios) < 40, (shape, namespace, name, ratios)

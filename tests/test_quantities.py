@@ -1,7 +1,7 @@
 """Quantities and names: the Kubernetes quantity grammar, canonical CPU/memory, DNS-1123 names.
 
-Checked against a table (predictor.md §4.5 among it) and, with hypothesis, against the Python
-kubernetes client's parse_quantity.
+Checked against a table of quantities and the values Go's resource.Quantity gives them (String(),
+Value()) and, with hypothesis, against the Python kubernetes client's parse_quantity.
 """
 
 import decimal
@@ -29,10 +29,10 @@ GI = 2**30
 # Quantities: table
 # ---------------------------------------------------------------------------------------
 
-# (input, exact value, cpu_millicores, memory_mebibytes). Every accepted row of
-# predictor.md section 4.5 is here (value column checked against Go's String()/Value()).
+# (input, exact value, cpu_millicores, memory_mebibytes), the value column checked against
+# Go's resource.Quantity String()/Value().
 VALID = [
-    # predictor.md 4.5, in table order
+    # the quantities of the rules documentation, in its order
     ("0.5", Fraction(1, 2), 500, 1),
     ("1.5Gi", Fraction(3, 2) * GI, 1_610_612_736_000, 1536),
     ("1000m", Fraction(1), 1000, 1),

@@ -1,0 +1,120 @@
+"""Storage (section 6): the rules history and the requests storage, without a server or a clock to wait on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import reqapi
+from conftest import RULES
+
+
+def rules(document: dict, source: str = "rules.json") -> reqapi.Rules:
+    return reqapi.parse_rules(document, source)
+
+
+def list_options(**fields) -> reqapi.ListOptions:
+    return reqapi.ListOptions(fields.pop("namespace", None), fields.pop("fields", ()), fields.pop("labels", ()),
+                              reqapi.JSON_OUTPUT, **fields)
+
+
+def test_install_replaces_the_current_generation_and_keeps_the_old_ones():
+    history = reqapi.RulesHistory()
+    first = history.current
+    assert history.install(reqapi.DEFAULT_RULES) is False          # the same rules from the same source
+    assert history.install(rules(RULES)) is True
+    assert history.current is not first and history.current.rules.source == "rules.json"
+    assert history.at(first.resource_version) is first
+    assert history.at("12345") is None
+
+
+def test_the_history_forgets_the_oldest_generations():
+    history = reqapi.RulesHistory()
+    first = history.current.resource_version
+    for index in range(reqapi.RulesHistory.LENGTH):
+        history.install(rules({"defaults": {"cpu": f"{index + 1}m"}}))
+    assert history.at(first) is None
+    assert history.at(history.current.resource_version) is history.current
+
+
+def test_a_waiting_watch_wakes_on_a_change_and_on_close():
+    history = reqapi.RulesHistory()
+    seen = history.current
+    assert history.wait_for_change(seen, 0) is None                # nothing changed
+    woke: list = []
+    waiter = threading.Thread(target=lambda: woke.append(history.wait_for_change(seen, 30)))
+    waiter.start()
+    history.install(rules(RULES))
+    waiter.join(30)
+    assert woke == [history.current]
+    waiter = threading.Thread(target=lambda: woke.append(history.wait_for_change(history.current, 30)))
+    waiter.start()
+    history.close()
+    waiter.join(30)
+    assert not waiter.is_alive() and woke[-1] is None and history.closed
+
+
+def test_a_generation_selects_named_workloads_and_a_pinned_one():
+    generation = reqapi.Generation(rules(RULES))
+    assert sorted(generation.select(None, (), ())) == [("default", "nightly-report"), ("shop", "checkout"),
+                                                       ("shop", "search")]
+    assert sorted(generation.select("shop", (), ())) == [("shop", "checkout"), ("shop", "search")]
+    pinned = reqapi.parse_field_selector("metadata.name=anything")
+    assert list(generation.select("prod-eu", pinned, ())) == [("prod-eu", "anything")]
+    assert generation.select(None, pinned, ()) == {}                 # no namespace: nothing to pin
+    assert generation.select(None, (), reqapi.parse_label_selector("app=web")) == {}   # objects have no labels
+    assert generation.prediction("shop", "checkout") is generation.prediction("shop", "checkout")
+
+
+def test_list_pages_with_continue_tokens_and_refuses_forgotten_ones():
+    storage = reqapi.RequestsStorage(reqapi.RulesHistory(rules(RULES)))
+    page = storage.list(list_options(limit=2))
+    assert [key for key, _ in page.items] == [("default", "nightly-report"), ("shop", "checkout")]
+    assert page.remaining == 1 and page.continue_token
+    version, after = reqapi.decode_continue(page.continue_token)
+    rest = storage.list(list_options(limit=2, continue_version=version, continue_after=after))
+    assert [key for key, _ in rest.items] == [("shop", "search")] and rest.continue_token == ""
+    with pytest.raises(reqapi.HTTPError) as expired:
+        storage.list(list_options(continue_version="99", continue_after=after))
+    assert expired.value.code == 410 and "continue parameter is too old" in expired.value.message
+    with pytest.raises(reqapi.HTTPError) as exact:
+        storage.list(list_options(exact_version="99"))
+    assert exact.value.code == 410 and exact.value.message.startswith("too old resource version: 99 ")
+
+
+def test_a_watch_starts_with_the_items_then_follows_changes_until_closed():
+    history = reqapi.RulesHistory(rules(RULES))
+    storage = reqapi.RequestsStorage(history)
+    events = storage.watch(list_options(namespace="shop", watch=True, allow_bookmarks=True), timeout=60)
+    assert [(change.type, change.key) for change in (next(events), next(events))] == [
+        ("ADDED", ("shop", "checkout")), ("ADDED", ("shop", "search"))]
+    changed = dict(RULES, rules=[rule for rule in RULES["rules"] if rule["id"] != "search"])
+    history.install(rules(changed))
+    change = next(events)
+    while change is None:                     # heartbeats until the waiting loop sees the change
+        change = next(events)
+    assert (change.type, change.key) == ("DELETED", ("shop", "search"))
+    history.close()
+    rest = [change for change in events if change is not None]
+    assert [change.type for change in rest] == ["BOOKMARK"]
+    assert rest[0].resource_version == history.current.resource_version
+
+
+def test_a_watch_from_an_unknown_resource_version_is_one_expired_change():
+    storage = reqapi.RequestsStorage(reqapi.RulesHistory(rules(RULES)))
+    changes = list(storage.watch(list_options(watch=True, resource_version="99"), timeout=60))
+    assert [change.type for change in changes] == ["EXPIRED"]
+
+
+def test_a_watch_from_a_known_resource_version_replays_the_difference():
+    history = reqapi.RulesHistory(rules(RULES))
+    start = history.current.resource_version
+    history.install(rules(dict(RULES, defaults={"cpu": "100m", "memory": "100Mi"},
+                               rules=RULES["rules"][:3] + [dict(RULES["rules"][3], cpu="3")])))
+    history.close()                           # the watch then ends after its replay
+    storage = reqapi.RequestsStorage(history)
+    changes = [change for change in storage.watch(list_options(watch=True, resource_version=start), timeout=60)
+               if change is not None]
+    assert [(change.type, change.key) for change in changes] == [
+        ("DELETED", ("default", "nightly-report")), ("MODIFIED", ("shop", "search"))]
