@@ -52,8 +52,11 @@ import traces
 
 MIB = 1 << 20
 SECONDS_PER_DAY = 86400
-CADVISOR = {"job": "kubelet", "metrics_path": "/metrics/cadvisor", "instance": "10.0.0.11:10250", "node": "node-a"}
-KSM = {"job": "kube-state-metrics", "instance": "10.0.0.12:8080"}
+# `cluster` is the external label a multi-cluster setup adds (Thanos, Mimir, a shared VictoriaMetrics).
+CLUSTER = "prod"
+CADVISOR = {"job": "kubelet", "metrics_path": "/metrics/cadvisor", "instance": "10.0.0.11:10250", "node": "node-a",
+            "cluster": CLUSTER}
+KSM = {"job": "kube-state-metrics", "instance": "10.0.0.12:8080", "cluster": CLUSTER}
 PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
 KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod")
 
