@@ -262,6 +262,62 @@ def test_chunking_keeps_the_cpu_subqueries_under_the_sample_limit(limited_promet
     assert chunked == promql.read_day(fetcher(prometheus), day, s)
 
 
+VM_LIMIT = 12_000     # -search.maxSamplesPerQuery for the limited VictoriaMetrics: two series' raw samples
+
+
+@pytest.fixture(scope="module")
+def limited_victoriametrics(history: History, tmp_path_factory: pytest.TempPathFactory) -> Iterator[me.Engine]:
+    me.require(me.VICTORIA)
+    engine = me.start_victoriametrics(tmp_path_factory.mktemp("victoriametrics-limited"), history.files,
+                                      max_samples=VM_LIMIT)
+    try:
+        me.wait_for_rows(engine, sum(history.samples.values()))
+        yield engine
+    finally:
+        engine.stop()
+
+
+def test_chunking_on_victoriametrics_whose_limit_counts_raw_samples(limited_victoriametrics: me.Engine,
+                                                                    victoriametrics: me.Engine) -> None:
+    """VictoriaMetrics' -search.maxSamplesPerQuery counts raw samples read, not points kept - and
+    (observed on 1.79, by bisecting the limit) every sample of the storage blocks it reads: a
+    one-series, one-day query here is charged the series' 4 written days, 5,760 samples, whether
+    it is the CPU subquery or the memory peak. So the memory query, which Prometheus streams
+    series by series, fails unchunked too; chunked by the same planner with VictoriaMetrics' cost
+    per series, both fit."""
+    day = traces.EPOCH_DAY + COMPARED_DAYS[0]
+    s = promql.Selectors()
+    at = promql.day_end(day)
+    charged = len(WRITTEN_DAYS) * traces.MINUTES_PER_DAY
+    for query in (promql.q_cpu_quantile(s, 0.95), promql.q_memory_peak(s)):
+        answer = me.instant(limited_victoriametrics, query, at)
+        assert answer["status"] == "error" and "maxSamplesPerQuery" in answer["error"], answer
+    memory = promql.by_container(me.instant(victoriametrics, promql.q_memory_peak(s), at))
+    inventory: dict[tuple[str, str], int] = {}
+    for ns, pod, _ in memory:
+        inventory[(ns, pod)] = inventory.get((ns, pod), 0) + 1
+    chunks = promql.plan_chunks(inventory, promql.max_series_per_query(VM_LIMIT, 1.0, charged))
+    assert len(chunks) > 1
+    for make in (lambda c: promql.q_cpu_quantile(s, 0.95, c), lambda c: promql.q_memory_peak(s, c)):
+        merged: dict[promql.Key, float] = {}
+        for chunk in chunks:
+            part = promql.by_container(promql.http_query(limited_victoriametrics.url, "/api/v1/query",
+                                                         promql.instant_params(make(chunk), day)))
+            assert part and not set(part) & set(merged)
+            merged.update(part)
+        assert merged == promql.by_container(me.instant(victoriametrics, make(""), at))
+
+
+def test_a_missing_engine_skips_or_fails_as_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv(me.REQUIRE_VARIABLE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed: prometheus, promtool"):
+        me.require(me.PROMETHEUS, me.PROMTOOL)
+    monkeypatch.setenv(me.REQUIRE_VARIABLE, "1")
+    with pytest.raises(pytest.fail.Exception, match="REQAPI_REQUIRE_METRICS_ENGINES=1 requires them"):
+        me.require(me.VICTORIA)
+
+
 # ---- pure: no engine -----------------------------------------------------------------------------
 
 def test_the_chunk_arithmetic_for_10000_pods_over_14_days() -> None:

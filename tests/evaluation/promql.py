@@ -163,9 +163,14 @@ def range_params(query: str, first_day: int, last_day: int, timeout_s: float = 6
 
 # ---- chunking -----------------------------------------------------------------------------------
 
-def max_series_per_query(max_samples: int = DEFAULT_MAX_SAMPLES, share: float = 0.5) -> int:
-    """Containers one day's CPU subquery may cover: `share` of the engine's sample limit."""
-    return max(1, int(max_samples * share) // POINTS_PER_DAY)
+def max_series_per_query(max_samples: int = DEFAULT_MAX_SAMPLES, share: float = 0.5,
+                         samples_per_series: int = POINTS_PER_DAY) -> int:
+    """Containers one day's CPU subquery may cover: `share` of the engine's sample limit.
+
+    `samples_per_series` is what the engine charges a series: Prometheus the subquery's 1441
+    points; VictoriaMetrics (whose -search.maxSamplesPerQuery counts the raw samples of every
+    storage block a query reads, not the points it keeps) the series' samples in those blocks."""
+    return max(1, int(max_samples * share) // samples_per_series)
 
 
 def plan_chunks(containers: Mapping[tuple[str, str], int], max_series: int) -> list[str]:
