@@ -260,6 +260,13 @@ def test_chunking_keeps_the_cpu_subqueries_under_the_sample_limit(limited_promet
     assert len(promql.plan_chunks(inventory, promql.max_series_per_query(LIMIT * 2))) > 1
     chunked = promql.read_day(fetcher(limited_prometheus), day, s, max_samples=LIMIT * 2)
     assert chunked == promql.read_day(fetcher(prometheus), day, s)
+    # The planner's cost model holds: Prometheus's own peak count never exceeds it (plus the
+    # couple of samples of the final vector: 2,884 for one container).
+    for chunk in promql.plan_chunks(inventory, promql.max_series_per_query(LIMIT * 2)) + [""]:
+        answer = me.instant(prometheus, promql.q_cpu_quantile(s, 0.95, chunk), promql.day_end(day), {"stats": "all"})
+        peak = answer["data"]["stats"]["samples"]["peakSamples"]
+        series = len(answer["data"]["result"])
+        assert series and peak <= series * promql.SUBQUERY_SAMPLES_PER_SERIES + 8, (chunk, series, peak)
 
 
 VM_LIMIT = 12_000     # -search.maxSamplesPerQuery for the limited VictoriaMetrics: two series' raw samples
@@ -322,16 +329,14 @@ def test_a_missing_engine_skips_or_fails_as_required(monkeypatch: pytest.MonkeyP
 
 def test_the_chunk_arithmetic_for_10000_pods_over_14_days() -> None:
     per_query = promql.max_series_per_query()
-    assert per_query * promql.POINTS_PER_DAY <= promql.DEFAULT_MAX_SAMPLES // 2
-    # One day's subquery over 10,000 single-container pods fits in one query...
-    assert per_query >= 10_000
-    assert 10_000 * promql.POINTS_PER_DAY < promql.DEFAULT_MAX_SAMPLES
-    # ...and 14 days of it in one query_range would not (15 x 1440 inner points a series).
-    assert 10_000 * 15 * 1440 > promql.DEFAULT_MAX_SAMPLES
-    # 20,000 containers (two a pod) take two chunks a day.
-    pods = {(f"ns{i % 40}", f"pod-{i}"): 2 for i in range(10_000)}
-    chunks = promql.plan_chunks(pods, per_query)
-    assert len(chunks) == 2
+    assert per_query * promql.SUBQUERY_SAMPLES_PER_SERIES <= promql.DEFAULT_MAX_SAMPLES // 2
+    assert per_query == 8674
+    # 14 days in one query_range would hold 15 days of inner points per container: refused.
+    assert 10_000 * 2 * 15 * 1440 > promql.DEFAULT_MAX_SAMPLES
+    # 10,000 single-container pods in 40 namespaces: 2 chunks a day; two containers a pod: 3.
+    for containers, chunks in ((1, 2), (2, 3)):
+        pods = {(f"ns{i % 40}", f"pod-{i}"): containers for i in range(10_000)}
+        assert len(promql.plan_chunks(pods, per_query)) == chunks
 
 
 def test_chunk_plans_cover_every_pod_once_within_the_budget() -> None:

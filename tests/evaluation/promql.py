@@ -28,17 +28,19 @@ evaluates the same expression at each midnight):
 plus the caller's extra matchers (e.g. `cluster="prod"`): it drops the pod-level cgroup (which
 double counts its containers) and the pause container.
 
-Cost and chunking. The CPU subquery materialises every inner point at once: about
-`series x (1d / 1m + 1)` = `series x 1441` samples per day (Prometheus 2.x ranges are closed at
-both ends, so a day's subquery has 1441 points). Prometheus refuses a query above
-`--query.max-samples` (default 50,000,000). A 14-day `query_range` with `step=1d` at 10,000
-containers would hold 10,000 x 15 x 1,440 = 216M samples - refused. One instant query per day
-holds 10,000 x 1,441 = 14.4M; `plan_chunks` further splits a day's containers (whole namespaces
-first, a large namespace by pod names) so that each query stays under half the limit (25M:
-17,300 containers a query), leaving room for a second query in flight. 10,000 pods over 14 days:
-14 days x 2 quantiles x 1 chunk = 28 subqueries; at 2 containers a pod (20,000 series) 2 chunks a
-day. The other queries keep only one series' samples in memory at a time (their peak is about
-the number of series), so they are not chunked.
+Cost and chunking. The CPU subquery materialises every inner point at once: per container a
+day of per-minute rates, 1441 points (Prometheus 2.x ranges are closed at both ends), and the
+`max by` over them as many again - `peakSamples` measured 2 x 1441 per container. Prometheus
+refuses a query above `--query.max-samples` (default 50,000,000). A 14-day `query_range` with
+`step=1d` at 10,000 containers would hold 10,000 x 2 x 15 x 1,440 = 432M samples - refused. One
+instant query per day holds 10,000 x 2,882 = 28.8M: it would pass alone, but `plan_chunks` keeps
+each query under half the limit (25M: 8,674 containers a query), leaving room for a second query
+in flight. So 10,000 single-container pods over 14 days take 14 days x 2 quantiles x 2 chunks = 56
+subqueries of at most 25M samples; 20,000 containers take 3 chunks a day. The other queries keep
+only one series' samples in memory at a time (peak about the number of series plus one series'
+day, 1441 + n), so they are not chunked for Prometheus. VictoriaMetrics' limit
+(`-search.maxSamplesPerQuery`, default 1e9) counts the raw samples read instead, for every
+query: a day of 10,000 containers at one sample a minute is 14.4M, far inside it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ SECONDS_PER_DAY = 86400
 MIB = float(1 << 20)
 DEFAULT_MAX_SAMPLES = 50_000_000        # Prometheus --query.max-samples default
 POINTS_PER_DAY = 1441                   # a [1d:1m] subquery: both ends included in Prometheus 2.x
+# What Prometheus holds at the peak of one day's CPU subquery, per container: the inner rate()
+# matrix and the `max by` matrix over it, 1441 points each (measured with stats=all).
+SUBQUERY_SAMPLES_PER_SERIES = 2 * POINTS_PER_DAY
 BY = "namespace, pod, container"
 
 # Workload kinds after resolving owners.
@@ -164,11 +169,11 @@ def range_params(query: str, first_day: int, last_day: int, timeout_s: float = 6
 # ---- chunking -----------------------------------------------------------------------------------
 
 def max_series_per_query(max_samples: int = DEFAULT_MAX_SAMPLES, share: float = 0.5,
-                         samples_per_series: int = POINTS_PER_DAY) -> int:
+                         samples_per_series: int = SUBQUERY_SAMPLES_PER_SERIES) -> int:
     """Containers one day's CPU subquery may cover: `share` of the engine's sample limit.
 
-    `samples_per_series` is what the engine charges a series: Prometheus the subquery's 1441
-    points; VictoriaMetrics (whose -search.maxSamplesPerQuery counts the raw samples of every
+    `samples_per_series` is what the engine charges a series: Prometheus 2 x 1441 points (the
+    inner rate() and the `max by` matrices); VictoriaMetrics (whose -search.maxSamplesPerQuery counts the raw samples of every
     storage block a query reads, not the points it keeps) the series' samples in those blocks."""
     return max(1, int(max_samples * share) // samples_per_series)
 
