@@ -2,7 +2,7 @@
 
 Written to move into reqapi.py: standard library only, typed, and pure except `http_query` (a
 thin urllib call). Everything else builds strings and parameters or parses JSON already fetched;
-`read_days` drives the queries through a caller-supplied `fetch` function.
+`read_day` and `read_owners` drive the queries through a caller-supplied `fetch` function.
 
 The shape of the work (the design rule measured against a real Prometheus): **aggregate per
 pod-container in PromQL, join pods to workloads in Python.** A join inside a subquery is evaluated
@@ -34,13 +34,14 @@ day of per-minute rates, 1441 points (Prometheus 2.x ranges are closed at both e
 refuses a query above `--query.max-samples` (default 50,000,000). A 14-day `query_range` with
 `step=1d` at 10,000 containers would hold 10,000 x 2 x 15 x 1,440 = 432M samples - refused. One
 instant query per day holds 10,000 x 2,882 = 28.8M: it would pass alone, but `plan_chunks` keeps
-each query under half the limit (25M: 8,674 containers a query), leaving room for a second query
-in flight. So 10,000 single-container pods over 14 days take 14 days x 2 quantiles x 2 chunks = 56
+each query under half the limit (25M: 8,674 containers a query) as headroom for the cost model
+(containers that appear after the inventory was read, an engine holding a little more). So 10,000 single-container pods over 14 days take 14 days x 2 quantiles x 2 chunks = 56
 subqueries of at most 25M samples; 20,000 containers take 3 chunks a day. The other queries keep
 only one series' samples in memory at a time (peak about the number of series plus one series'
 day, 1441 + n), so they are not chunked for Prometheus. VictoriaMetrics' limit
 (`-search.maxSamplesPerQuery`, default 1e9) counts the raw samples read instead, for every
-query: a day of 10,000 containers at one sample a minute is 14.4M, far inside it.
+query, and whole storage blocks of them: even charged all 14 days of every series, 10,000
+containers at one sample a minute are 201.6M, inside it.
 """
 
 from __future__ import annotations
