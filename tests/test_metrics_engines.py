@@ -151,6 +151,12 @@ def test_day_aggregates_equal_the_offline_emulation(engine: me.Engine, history: 
     assert not mismatches, "\n".join(mismatches)
     # 7 containers x 3 days; the leak's OOM kills and the throttled worker's capped days are among them.
     assert compared == 7 * len(COMPARED_DAYS)
+    # Nothing else: the pod-level cgroups and pause containers, which the data holds, are filtered out.
+    assert set(read) == {(promql.WorkloadRef(w.namespace, w.kind, w.name), c.name)
+                         for w in history.workloads for c in w.trace.containers}
+    excluded = me.instant(engine, 'count(last_over_time(container_memory_working_set_bytes{container=~"|POD"}[1d]))',
+                          promql.day_end(traces.EPOCH_DAY + COMPARED_DAYS[0]))
+    assert int(excluded["data"]["result"][0]["value"][1]) == 2 * len(history.workloads)
     leak = read[(promql.WorkloadRef("shop", "StatefulSet", "cache"), "cache")]
     assert sum(d.oom_kills for d in leak.values()) >= 2
     worker = read[(promql.WorkloadRef("ops", "DaemonSet", "worker"), "worker")]
