@@ -428,13 +428,36 @@ def test_owner_resolution_covers_every_kind() -> None:
         {"namespace": "kube-system", "pod": "static-node-a", "owner_kind": "Node", "owner_name": "node-a",
          "owner_is_controller": "true"},
     ])
+    pods["data"]["result"].append({"metric": {"namespace": "n", "pod": "d-2", "owner_kind": "ReplicaSet",
+                                              "owner_name": "d-def", "owner_is_controller": "true"}, "value": [0, "1"]})
     rs = answer([{"namespace": "n", "replicaset": "d-abc", "owner_kind": "Deployment", "owner_name": "d"},
+                 {"namespace": "n", "replicaset": "d-def", "owner_kind": "Deployment", "owner_name": "d"},
                  {"namespace": "n", "replicaset": "rs", "owner_kind": "<none>", "owner_name": "<none>"}])
     jobs = answer([{"namespace": "n", "job_name": "c-1", "owner_kind": "CronJob", "owner_name": "c"}])
     got = {pod: (ref.kind, ref.name) for (_, pod), ref in promql.resolve_owners(pods, rs, jobs).items()}
-    assert got == {"d-1": ("Deployment", "d"), "rs-1": ("ReplicaSet", "rs"), "s-0": ("StatefulSet", "s"),
+    assert got == {"d-1": ("Deployment", "d"), "d-2": ("Deployment", "d"), "rs-1": ("ReplicaSet", "rs"), "s-0": ("StatefulSet", "s"),
                    "ds-x": ("DaemonSet", "ds"), "j-x": ("Job", "j"), "c-1-x": ("CronJob", "c"),
                    "bare": ("Pod", "bare"), "static-node-a": ("Pod", "static-node-a")}
+
+
+def test_workload_days_sum_counts_and_take_the_max_over_pods() -> None:
+    nan = float("nan")
+    a = promql.PodDay(day=5, samples=1440, cpu_p95_m=100.0, cpu_p99_m=nan, memory_peak_mi=300.0, oom_kills=1,
+                      cpu_limit_m=None, cpu_throttled_ratio=0.0, memory_limit_mi=512.0)
+    b = promql.PodDay(day=5, samples=700, cpu_p95_m=150.0, cpu_p99_m=180.0, memory_peak_mi=250.0, oom_kills=2,
+                      cpu_limit_m=1000.0, cpu_throttled_ratio=0.1, memory_limit_mi=None)
+    old_rs = promql.PodDay(day=4, samples=10, cpu_p95_m=1.0, cpu_p99_m=1.0, memory_peak_mi=1.0, oom_kills=0,
+                           cpu_limit_m=None, cpu_throttled_ratio=0.0, memory_limit_mi=None)
+    web = promql.WorkloadRef("n", "Deployment", "web")
+    # Two ReplicaSets of one Deployment (a rollout) and a pod without a known owner.
+    owners = {("n", "web-a-1"): web, ("n", "web-a-2"): web, ("n", "web-b-1"): web}
+    got = promql.workload_days([{("n", "web-a-1", "app"): a, ("n", "web-a-2", "app"): b, ("n", "stray", "app"): a},
+                                {("n", "web-b-1", "app"): old_rs}], owners)
+    assert got[(web, "app")][5] == promql.PodDay(day=5, samples=2140, cpu_p95_m=150.0, cpu_p99_m=180.0,
+                                                 memory_peak_mi=300.0, oom_kills=3, cpu_limit_m=1000.0,
+                                                 cpu_throttled_ratio=0.1, memory_limit_mi=512.0)
+    assert got[(web, "app")][4] == old_rs
+    assert got[(promql.WorkloadRef("n", "Pod", "stray"), "app")] == {5: a}
 
 
 def test_promql_is_pure_standard_library() -> None:
