@@ -1531,13 +1531,26 @@ class Request:
     audit_id: str = ""
     keep_alive: bool = True          # False: Connection: close, or HTTP/1.0 without keep-alive
     has_body: bool = False           # a Content-Length above 0, or a Transfer-Encoding
-    watch: bool = False              # ?watch=true|1, or the deprecated /watch/ path prefix
+    watch: bool = False              # ?watch= anything but 0/false (see Request.flag), or the /watch/ prefix
+    websocket: bool = False          # Upgrade: websocket with Connection: upgrade (a WebSocket watch)
     params: dict[str, str] = dataclasses.field(default_factory=dict)   # path parameters, set by routing
 
     def arg(self, name: str, default: str = "") -> str:
-        """The last value of a query parameter, as kube-apiserver's query conversion takes it."""
+        """The first value of a query parameter, as kube-apiserver's query conversion takes it
+        (apimachinery's runtime.Convert_Slice_string_To_string)."""
         values = self.query.get(name)
-        return values[-1] if values else default
+        return values[0] if values else default
+
+    def flag(self, name: str) -> bool:
+        """A boolean query parameter, as kube-apiserver converts it: false when absent or when its
+        first value is "0" or "false" in any case, true for anything else, even "t" or nothing
+        (apimachinery's runtime.Convert_Slice_string_To_bool)."""
+        return query_flag(self.query.get(name))
+
+
+def query_flag(values: Optional[list[str]]) -> bool:
+    """See Request.flag."""
+    return bool(values) and values[0] != "0" and values[0].lower() != "false"
 
 
 class Response(NamedTuple):
@@ -1547,9 +1560,16 @@ class Response(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()        # extra (name, value) pairs
 
 
+class WebSocketUpgrade(NamedTuple):
+    """An accepted WebSocket handshake: the Sec-WebSocket-Accept value and the one protocol echoed."""
+    accept: str
+    protocol: str
+
+
 class WatchStream(NamedTuple):
     content_type: str
     events: Iterator[Optional[bytes]]   # encoded JSON documents; None about once a second meanwhile
+    upgrade: Optional[WebSocketUpgrade] = None      # sent as WebSocket frames instead of chunks
 
 
 class HTTPError(Exception):
@@ -1668,13 +1688,13 @@ def parse_head(head: bytes) -> Request:
             raise BadRequest(400, "BadRequest", "a path segment is not valid UTF-8 after percent-decoding; "
                              "names are DNS-1123 (lower-case ASCII)") from None
     query = urllib.parse.parse_qs(query_text, keep_blank_values=True) if query_text else {}
-    watch_values = query.get("watch")
     return Request(method, path, segments, query, headers, items, version,
                    audit_id=headers.get("audit-id", "")[:64],
                    keep_alive=_keep_alive(headers.get("connection", ""), version),
                    has_body=_content_length(headers.get("content-length")) > 0 or "transfer-encoding" in headers,
-                   watch=(watch_values is not None and watch_values[-1] in ("true", "1")) or
-                   segments[3:4] == ["watch"])
+                   watch=query_flag(query.get("watch")) or segments[3:4] == ["watch"],
+                   websocket=headers.get("upgrade", "").lower() == "websocket" and
+                   "upgrade" in {token.strip() for token in headers.get("connection", "").lower().split(",")})
 
 
 def _keep_alive(connection: str, version: str) -> bool:
@@ -1695,6 +1715,72 @@ def _content_length(text: Optional[str]) -> int:
         raise BadRequest(400, "BadRequest", f"invalid Content-Length {text[:20]!r}: it must be a decimal "
                          f"number of at most {MAX_CONTENT_LENGTH_DIGITS} digits")
     return int(text)
+
+
+# WebSocket watches, as k8s.io/apiserver serves them. It answers a watch that asks for
+# `Upgrade: websocket` through golang.org/x/net/websocket's Handler: GET only, a
+# Sec-WebSocket-Key and Sec-WebSocket-Version 13 (else 400, naming version 13), an Origin header
+# (its handshake check refuses a "null origin" with 403), at most one offered
+# Sec-WebSocket-Protocol, echoed back (several are refused).  Then each watch event travels as one
+# unmasked text frame holding the event's JSON (the JSON serializer "encodes as text"; the
+# base64.binary.k8s.io protocol name changes nothing for a watch), the server reads what the
+# client sends only to notice a close, and ends with a close frame (1000) when the watch ends.
+# Through kube-apiserver this is the only answer that works: its proxy turns anything but a
+# 101 (or an error of 400 or more) into "503 invalid upgrade response".
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"      # RFC 6455 section 1.3
+WS_TEXT, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x8, 0x9, 0xA
+WS_NORMAL_CLOSURE = 1000
+
+
+def websocket_upgrade(request: Request) -> WebSocketUpgrade:
+    """Check a WebSocket watch's handshake as golang.org/x/net/websocket does; HTTPError if refused."""
+    headers = request.headers
+    if request.method != "GET":
+        raise HTTPError.method_not_allowed(f"a WebSocket watch is a GET, not {request.method}")
+    key = headers.get("sec-websocket-key", "").strip()
+    if not key:
+        raise HTTPError.bad_request("a WebSocket watch needs a Sec-WebSocket-Key header (RFC 6455)")
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        raise HTTPError(400, "BadRequest", "unsupported Sec-WebSocket-Version: reqapi speaks version 13 "
+                        "(RFC 6455)", headers=(("Sec-WebSocket-Version", "13"),))
+    if not headers.get("origin", "").strip():
+        raise HTTPError.forbidden("a WebSocket watch needs an Origin header (Kubernetes API servers refuse a "
+                                  "WebSocket handshake without one); browsers send it, other clients must "
+                                  "set it", {})
+    offered = [name.strip() for name in headers.get("sec-websocket-protocol", "").split(",") if name.strip()]
+    if len(offered) > 1:
+        raise HTTPError.bad_request(f"offer one Sec-WebSocket-Protocol, not {len(offered)} "
+                                    f"({', '.join(offered)[:200]}), as Kubernetes API servers require")
+    accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + WEBSOCKET_GUID).digest()).decode()
+    return WebSocketUpgrade(accept, offered[0] if offered else "")
+
+
+def websocket_client_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete frames at the front of what a WebSocket client sent, [(opcode, unmasked
+    payload)], and the bytes left over (a frame not complete yet)."""
+    frames: list[tuple[int, bytes]] = []
+    position = 0
+    while len(buffer) - position >= 2:
+        first, second = buffer[position], buffer[position + 1]
+        size, offset = second & 0x7F, position + 2
+        if size >= 126:
+            width = 2 if size == 126 else 8
+            if len(buffer) - offset < width:
+                break
+            size, offset = int.from_bytes(buffer[offset:offset + width], "big"), offset + width
+        mask = b""
+        if second & 0x80:                     # clients always mask (RFC 6455 section 5.3)
+            if len(buffer) - offset < 4:
+                break
+            mask, offset = buffer[offset:offset + 4], offset + 4
+        if len(buffer) - offset < size:
+            break
+        payload = buffer[offset:offset + size]
+        if mask:
+            payload = bytes(byte ^ mask[index & 3] for index, byte in enumerate(payload))
+        frames.append((first & 0x0F, payload))
+        position = offset + size
+    return frames, buffer[position:]
 
 
 class ResponseEncoder:
@@ -1738,6 +1824,23 @@ class ResponseEncoder:
         """One watch event as one chunk of newline-delimited JSON."""
         line = event + b"\n"
         return b"%x\r\n%s\r\n" % (len(line), line)
+
+    @staticmethod
+    def websocket_head(upgrade: WebSocketUpgrade) -> bytes:
+        """The 101 answer to a WebSocket handshake, with the fields golang.org/x/net/websocket sends."""
+        protocol = f"Sec-WebSocket-Protocol: {upgrade.protocol}\r\n" if upgrade.protocol else ""
+        return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {upgrade.accept}\r\n{protocol}\r\n").encode("latin-1")
+
+    @staticmethod
+    def websocket_frame(payload: bytes, opcode: int = WS_TEXT) -> bytes:
+        """One final, unmasked frame from the server (RFC 6455 section 5.2)."""
+        size = len(payload)
+        if size < 126:
+            return bytes((0x80 | opcode, size)) + payload
+        if size < 65536:
+            return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big") + payload
+        return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big") + payload
 
 
 # ---------------------------------------------------------------------------
@@ -2104,8 +2207,8 @@ def _watch_options(request: Request, namespace: Optional[str], fields: tuple[Req
     return ListOptions(namespace, fields, labels, output, watch=True,
                        resource_version=request.arg("resourceVersion"),
                        timeout_seconds=count_argument(request, "timeoutSeconds"),
-                       send_initial_events=request.arg("sendInitialEvents") == "true",
-                       allow_bookmarks=request.arg("allowWatchBookmarks") == "true")
+                       send_initial_events=request.flag("sendInitialEvents"),
+                       allow_bookmarks=request.flag("allowWatchBookmarks"))
 
 
 # ---------------------------------------------------------------------------
@@ -3032,7 +3135,7 @@ def endpoint_metrics(api: Api, request: Request) -> Response:
 def endpoint_get(api: Api, request: Request) -> Union[Response, WatchStream]:
     options = object_options(request)
     if isinstance(options, ListOptions):
-        return api.watch(options)
+        return api.watch(options, websocket_upgrade(request) if request.websocket else None)
     if not options.output.table_version:
         return Response(200, api.object_json(options.namespace, options.name), JSON, NO_CACHE)
     now = time.time()
@@ -3047,7 +3150,7 @@ def endpoint_get(api: Api, request: Request) -> Union[Response, WatchStream]:
 def endpoint_list(api: Api, request: Request) -> Union[Response, WatchStream]:
     options = list_options(request)
     if options.watch:
-        return api.watch(options)
+        return api.watch(options, websocket_upgrade(request) if request.websocket else None)
     return api.list_response(options)
 
 
@@ -3230,11 +3333,11 @@ class Api:
         document = table(rows, generation.resource_version, output.table_version, True, continue_token, remaining)
         return Response(200, dumps(document), output.content_type, NO_CACHE)
 
-    def watch(self, options: ListOptions) -> WatchStream:
-        """A watch: newline-delimited WatchEvents, each object encoded as the list would encode it
-        (a Table sends its column definitions once, with the first row)."""
+    def watch(self, options: ListOptions, upgrade: Optional[WebSocketUpgrade] = None) -> WatchStream:
+        """A watch: WatchEvents, each object encoded as the list would encode it (a Table sends its
+        column definitions once, with the first row); newline-delimited, or one WebSocket frame each."""
         timeout = self.watch_timeout if options.timeout_seconds is None else options.timeout_seconds
-        return WatchStream(options.output.content_type, self._watch_events(options, timeout))
+        return WatchStream(options.output.content_type, self._watch_events(options, timeout), upgrade)
 
     def _watch_events(self, options: ListOptions, timeout: float) -> Iterator[Optional[bytes]]:
         output = options.output
@@ -3572,7 +3675,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         result = outcome.result
         if isinstance(result, WatchStream):
             ok = self.stream(result, request)
-            code, close = 200, close or not ok
+            code, close = 200 if result.upgrade is None else 101, close or not ok
         else:
             self.write_response(result, close, request.method, request.audit_id)
             code = result.code
@@ -3588,6 +3691,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def stream(self, watch: WatchStream, request: Request) -> bool:
         """Write a watch as chunked newline-delimited JSON.  False if the client went away."""
+        if watch.upgrade is not None:
+            return self.stream_websocket(watch, watch.upgrade)
         encoder, write_timeout = self.server.encoder, self.server.settings.write_timeout
         head = encoder.watch_head(watch.content_type, request.audit_id)
         self.watching = True
@@ -3614,6 +3719,51 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             close = getattr(watch.events, "close", None)
             if close:
                 close()
+
+    def stream_websocket(self, watch: WatchStream, upgrade: WebSocketUpgrade) -> bool:
+        """Write a watch as WebSocket text frames, one event each, and end with a close frame.
+        Always False: the connection spoke WebSocket and cannot carry another HTTP request."""
+        encoder, write_timeout = self.server.encoder, self.server.settings.write_timeout
+        self.watching = True
+        try:
+            self.set_deadline(write_timeout)
+            self.tls.sendall(encoder.websocket_head(upgrade))
+            self.leftover = b""             # what the client sends from now on are frames
+            for event in watch.events:
+                if event is None:
+                    if self.client_gone() or self.websocket_closed():
+                        return False
+                    continue
+                self.set_deadline(write_timeout)
+                self.tls.sendall(encoder.websocket_frame(event))
+                self.deadline = math.inf
+            self.set_deadline(write_timeout)
+            self.tls.sendall(encoder.websocket_frame(WS_NORMAL_CLOSURE.to_bytes(2, "big"), WS_CLOSE))
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            self.watching = False
+            close = getattr(watch.events, "close", None)
+            if close:
+                close()
+        return False
+
+    def websocket_closed(self) -> bool:
+        """During a WebSocket watch: answer the client's pings and closes (RFC 6455 section 5.5);
+        True once it has closed.  Other frames are read and dropped, as k8s.io/apiserver does."""
+        frames, self.leftover = websocket_client_frames(self.leftover)
+        encoder = self.server.encoder
+        for opcode, payload in frames:
+            if opcode == WS_CLOSE:
+                self.set_deadline(self.server.settings.write_timeout)
+                self.tls.sendall(encoder.websocket_frame(payload[:2], WS_CLOSE))
+                self.deadline = math.inf
+                return True
+            if opcode == WS_PING:
+                self.set_deadline(self.server.settings.write_timeout)
+                self.tls.sendall(encoder.websocket_frame(payload[:125], WS_PONG))
+                self.deadline = math.inf
+        return False
 
     def linger(self) -> None:
         """Close after an error answer without losing it: a client still sending (a body we will

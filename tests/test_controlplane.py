@@ -184,8 +184,9 @@ def test_aggregated_discovery_lists_the_group(installed):
 
 
 def test_watch_through_kube_apiserver_sees_modified_after_a_rules_reload(installed):
+    # -v=6 puts every HTTP request kubectl makes on stderr: a hang names the request that hung.
     watcher = installed.plane.kubectl_process("get", "requests", "checkout", "-n", "shop", "--watch",
-                                              "--output-watch-events", "--request-timeout=0")
+                                              "--output-watch-events", "--request-timeout=0", "-v=6")
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()
 
@@ -194,7 +195,8 @@ def test_watch_through_kube_apiserver_sees_modified_after_a_rules_reload(install
             return lines.get(timeout=timeout)
         except queue.Empty:
             watcher.kill()
-            raise AssertionError(f"no watch line within {timeout} s; stderr: {watcher.stderr.read()}")
+            raise AssertionError(f"no watch line within {timeout} s; kubectl's stderr:\n{watcher.stderr.read()}\n"
+                                 f"{installed.logs()}\n{installed.plane.logs()}")
     changed = json.loads(json.dumps(installed.rules_document))
     try:
         header = next_line(60)
@@ -255,6 +257,38 @@ def _get_or_none(requests: Any, name: str, namespace: str) -> Any:
         if error.status == 403:
             return None
         raise
+
+
+@pytest.mark.parametrize("value", ["t", "True", ""])
+def test_a_watch_spelled_as_go_parses_booleans_is_a_watch_behind_kube_apiserver(installed, value):
+    # kube-apiserver decides "watch" (and so its long-running handling) from the first value, true
+    # unless "0" or "false"; reqapi must agree or the client gets a list where it asked to watch.
+    answer = installed.plane.get(f"{GROUP_VERSION}/namespaces/shop/requests?watch={value}&timeoutSeconds=1")
+    assert answer.status == 200
+    first = json.loads(answer.body.splitlines()[0])
+    assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "checkout"
+
+
+def test_a_websocket_watch_through_kube_apiserver(installed):
+    """Web consoles watch over WebSocket; kube-apiserver's proxy dials reqapi with the upgrade and
+    answers "503 invalid upgrade response" unless reqapi switches protocols."""
+    import websocket
+
+    plane = installed.plane
+    ws = websocket.create_connection(
+        f"wss://127.0.0.1:{plane.port}{GROUP_VERSION}/namespaces/shop/requests?watch=1&timeoutSeconds=2",
+        sslopt={"ca_certs": str(plane.pki.ca_file), "certfile": str(plane.pki.admin[0]),
+                "keyfile": str(plane.pki.admin[1])},
+        subprotocols=["base64.binary.k8s.io"], timeout=30)
+    try:
+        assert ws.getstatus() == 101 and ws.subprotocol == "base64.binary.k8s.io"
+        event = json.loads(ws.recv())
+        assert event["type"] == "ADDED" and event["object"]["metadata"]["name"] == "checkout"
+        assert event["object"]["resources"] == {"cpu": "2", "memory": "3Gi"}
+        opcode, data = ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and data[:2] == (1000).to_bytes(2, "big")
+    finally:
+        ws.close()
 
 
 # -- 3. in-cluster mode: extension-apiserver-authentication from the real kube-apiserver --------------

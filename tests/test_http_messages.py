@@ -277,9 +277,15 @@ def test_a_content_length_that_is_not_1_to_18_ascii_digits_is_a_bad_request(leng
     assert refusal.value.code == 400 and refusal.value.message.startswith("invalid Content-Length ")
 
 
+# As kube-apiserver converts a boolean query parameter (apimachinery runtime.Convert_Slice_string_To_bool):
+# the first value counts, and only "0" and "false" in any case are false; "t", "True", "yes" and
+# even an empty value are true. Seen through the real kube-apiserver: reqapi served ?watch=t as a list.
 @pytest.mark.parametrize("target, watch", [
     (f"{GV}/requests?watch=true", True), (f"{GV}/requests?watch=1", True), (f"{GV}/requests?watch=false", False),
-    (f"{GV}/requests?watch=true&watch=0", False), (f"{GV}/watch/requests", True), (f"{GV}/requests", False),
+    (f"{GV}/requests?watch=t", True), (f"{GV}/requests?watch=True", True), (f"{GV}/requests?watch=", True),
+    (f"{GV}/requests?watch=FALSE", False), (f"{GV}/requests?watch=0", False),
+    (f"{GV}/requests?watch=true&watch=0", True), (f"{GV}/requests?watch=0&watch=true", False),
+    (f"{GV}/watch/requests", True), (f"{GV}/requests", False),
 ])
 def test_a_watch_is_decided_once_from_the_query_or_the_watch_prefix(target, watch):
     assert reqapi.parse_head(f"GET {target} HTTP/1.1".encode()).watch is watch
@@ -300,3 +306,75 @@ def test_the_encoder_writes_each_response_whole_with_its_framing():
     assert b"Content-Length" not in not_modified and not_modified.endswith(b"\r\n\r\n")
     assert encoder.chunk(b'{"type":"ADDED"}') == b'11\r\n{"type":"ADDED"}\n\r\n'
     assert b"Transfer-Encoding: chunked\r\n" in encoder.watch_head(reqapi.JSON, "")
+
+
+# WebSocket watches: the handshake checks golang.org/x/net/websocket makes for k8s.io/apiserver, and
+# the framing of RFC 6455.
+
+def websocket_head(extra: str = "", method: str = "GET") -> bytes:
+    lines = [f"{method} {GV}/namespaces/shop/requests?watch=1 HTTP/1.1", "Host: x", "Connection: Upgrade",
+             "Upgrade: websocket", "Sec-WebSocket-Version: 13", "Origin: https://console.example"]
+    return "\r\n".join(lines + ([extra] if extra else [])).encode()
+
+
+def test_a_websocket_upgrade_is_recognised_only_with_both_headers():
+    assert reqapi.parse_head(websocket_head("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")).websocket
+    assert reqapi.parse_head(b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket").websocket
+    assert not reqapi.parse_head(b"GET / HTTP/1.1\r\nUpgrade: websocket").websocket
+    assert not reqapi.parse_head(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c").websocket
+
+
+def test_the_websocket_handshake_accepts_as_rfc_6455_computes_it():
+    # RFC 6455 section 1.3's own example: key dGhlIHNhbXBsZSBub25jZQ== -> s3pPLMBiTxaQ9kYGzzhZRbK+xOo=
+    request = reqapi.parse_head(websocket_head("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                               "Sec-WebSocket-Protocol: base64.binary.k8s.io"))
+    assert reqapi.websocket_upgrade(request) == reqapi.WebSocketUpgrade("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+                                                                        "base64.binary.k8s.io")
+    head = reqapi.ResponseEncoder.websocket_head(reqapi.websocket_upgrade(request))
+    assert head == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                    b"Sec-WebSocket-Protocol: base64.binary.k8s.io\r\n\r\n")
+
+
+@pytest.mark.parametrize("extra,method,code,fragment", [
+    ("", "GET", 400, "Sec-WebSocket-Key"),
+    ("Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==\r\nSec-WebSocket-Protocol: a, b", "GET", 400,
+     "offer one Sec-WebSocket-Protocol, not 2"),
+    ("Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==", "HEAD", 405, "a WebSocket watch is a GET"),
+])
+def test_a_websocket_handshake_that_kubernetes_refuses_is_refused(extra, method, code, fragment):
+    with pytest.raises(reqapi.HTTPError) as refused:
+        reqapi.websocket_upgrade(reqapi.parse_head(websocket_head(extra, method)))
+    assert refused.value.code == code and fragment in refused.value.message
+    assert_status_document(json.loads(refused.value.response().body), code)
+
+
+def test_a_websocket_handshake_without_origin_or_of_another_version_is_refused():
+    no_origin = websocket_head("Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==").replace(
+        b"\r\nOrigin: https://console.example", b"")
+    with pytest.raises(reqapi.HTTPError) as refused:
+        reqapi.websocket_upgrade(reqapi.parse_head(no_origin))
+    assert refused.value.code == 403 and "Origin header" in refused.value.message
+    old = websocket_head("Sec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==").replace(b"Version: 13", b"Version: 8")
+    with pytest.raises(reqapi.HTTPError) as refused:
+        reqapi.websocket_upgrade(reqapi.parse_head(old))
+    assert refused.value.code == 400 and ("Sec-WebSocket-Version", "13") in refused.value.response().headers
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_websocket_frames_round_trip_at_every_length_encoding(size):
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame = reqapi.ResponseEncoder.websocket_frame(payload)
+    assert frame[0] == 0x81 and not frame[1] & 0x80          # final text frame, unmasked from a server
+    mask = b"\x01\x02\x03\x04"                              # the same frame as a client masks it
+    masked = bytes((frame[0], frame[1] | 0x80)) + frame[2:len(frame) - size] + mask + bytes(
+        byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    frames, rest = reqapi.websocket_client_frames(masked + masked[:3])
+    assert frames == [(reqapi.WS_TEXT, payload)] and rest == masked[:3]
+
+
+def test_partial_websocket_frames_wait_for_their_end():
+    close = bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + (1000).to_bytes(2, "big")
+    for cut in range(len(close)):
+        assert reqapi.websocket_client_frames(close[:cut]) == ([], close[:cut])
+    assert reqapi.websocket_client_frames(close) == ([(reqapi.WS_CLOSE, b"\x03\xe8")], b"")

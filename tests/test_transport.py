@@ -914,3 +914,56 @@ def test_a_python_without_the_tls_introspection_reqapi_needs_refuses_to_start(mo
     with pytest.raises(reqapi.ConfigError, match=r"lacks SSLSocket\.get_verified_chain .* and "
                                                  r"ssl\._ssl\._test_decode_cert"):
         reqapi.require_tls_introspection()
+
+
+# ---------------------------------------------------------------------------
+# WebSocket watches, with a real WebSocket client library (websocket-client)
+# ---------------------------------------------------------------------------
+
+def websocket_url(server: Server, path: str) -> str:
+    return f"wss://localhost:{server.port}{path}"
+
+
+def test_a_websocket_watch_sends_each_event_as_a_text_frame_and_closes_normally(server):
+    import websocket
+
+    url = websocket_url(server, f"{GV}/namespaces/shop/requests/web?watch=1&timeoutSeconds=1")
+    ws = websocket.create_connection(url, sslopt={"ca_certs": str(server.certs.ca_file)},
+                                     subprotocols=["base64.binary.k8s.io"], timeout=10)
+    try:
+        assert ws.getstatus() == 101 and ws.subprotocol == "base64.binary.k8s.io"
+        opcode, data = ws.recv_data()
+        assert opcode == websocket.ABNF.OPCODE_TEXT
+        event = json.loads(data)
+        assert event["type"] == "ADDED" and event["object"]["metadata"]["name"] == "web"
+        opcode, data = ws.recv_data(control_frame=True)      # the watch's timeout ends it
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and data[:2] == (1000).to_bytes(2, "big")
+    finally:
+        ws.close()
+
+
+def test_a_websocket_client_that_closes_is_answered_and_let_go(server, clean_log):
+    import websocket
+
+    url = websocket_url(server, f"{GV}/namespaces/shop/requests/web?watch=1&timeoutSeconds=60")
+    ws = websocket.create_connection(url, sslopt={"ca_certs": str(server.certs.ca_file)}, timeout=10)
+    assert json.loads(ws.recv())["type"] == "ADDED"
+    ws.ping(b"are you there")
+    assert ws.recv_data(control_frame=True) == (websocket.ABNF.OPCODE_PONG, b"are you there")
+    ws.send_close()
+    opcode, data = ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and data == (1000).to_bytes(2, "big")
+    ws.shutdown()
+    # Logged as a 101 long before its 60 s timeout: the server noticed the close.
+    assert server.wait_for_log(r"GET /apis/k8s\.wujiuye\.com/v1beta1/namespaces/shop/requests/web 101 (\d+)\.\d+ms")
+
+
+def test_a_websocket_watch_without_origin_is_refused_with_a_status(server):
+    import websocket
+
+    url = websocket_url(server, f"{GV}/namespaces/shop/requests?watch=1")
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url, sslopt={"ca_certs": str(server.certs.ca_file)}, suppress_origin=True,
+                                    timeout=10)
+    assert refused.value.status_code == 403
+    assert_status_document(json.loads(refused.value.resp_body), 403)
