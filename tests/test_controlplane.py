@@ -147,7 +147,7 @@ def test_kubectl_get_list_yaml_describe_through_the_aggregator(installed, pod_a)
 
     # The user kube-apiserver authenticated (the admin certificate's CN) reached reqapi through the
     # front-proxy headers, proven by reqapi's own request log.
-    assert re.search(r"user=kubernetes-admin auth=front-proxy", pod_a.log())
+    pod_a.wait_for_log(r"user=kubernetes-admin auth=front-proxy")
 
 
 def test_kubectl_explain_uses_the_aggregated_openapi(installed):
@@ -486,6 +486,53 @@ def test_a_serving_certificate_without_the_service_name(installed, tmp_path):
         installed.stop_pod(address)
         installed.start_pod("a", address)
         installed.wait_available("True")
+
+
+# -- identities as kube-apiserver forwards them ----------------------------------------------------------
+
+def test_a_user_in_hundreds_of_groups_through_kube_apiserver(installed, pod_a):
+    # kube-apiserver's proxy sends one X-Remote-Group line per group (here the admin impersonates
+    # a user in 150 groups): reqapi refused more than 100 header lines with 431 before.
+    plane = installed.plane
+    groups = [f"--as-group=team-{n:03d}" for n in range(150)]
+    plane.kubectl("create", "clusterrolebinding", "reqapi-test-team-149", "--clusterrole=requests-apiserver:reader",
+                  "--group=team-149")
+    try:
+        result = plane.kubectl("get", "request", "checkout", "-n", "shop", "-o", "json",
+                               "--as=many-groups@example.com", *groups)
+    finally:
+        plane.delete("clusterrolebinding", "reqapi-test-team-149")
+    assert json.loads(result.stdout)["resources"] == {"cpu": "2", "memory": "3Gi"}
+    pod_a.wait_for_log("user=many-groups@example.com auth=front-proxy")
+
+
+def test_a_utf_8_user_is_authorized_by_the_real_rbac(installed):
+    """Delegated authorization for 张三@example.com: reqapi's SubjectAccessReview must name the
+    user as kube-apiserver wrote it (UTF-8), or RBAC denies it (the header was read as Latin-1)."""
+    plane = installed.plane
+    address = installed.netns.pod_addresses[3]
+    plane.kubectl("create", "namespace", "shop", check=False)
+    plane.kubectl("create", "rolebinding", "reqapi-test-utf8", "-n", "shop",
+                  "--clusterrole=requests-apiserver:reader", "--user=张三@example.com")
+    try:
+        pod = installed.start_pod("utf8", address, "--authorization-mode=Delegated")
+        connection = pod.connection(plane.pki.front_proxy_client)
+        try:
+            connection.putrequest("GET", f"{GROUP_VERSION}/namespaces/shop/requests/checkout")
+            connection.putheader("X-Remote-User", "张三@example.com".encode())
+            connection.putheader("X-Remote-Group", "研发-平台组".encode())
+            connection.endheaders()
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        assert response.status == 200, body
+        assert json.loads(body)["resources"] == {"cpu": "2", "memory": "3Gi"}
+        pod.wait_for_log("user=张三@example.com auth=front-proxy")
+    finally:
+        if address in installed.pods:
+            installed.stop_pod(address)
+        plane.delete("rolebinding", "reqapi-test-utf8", "shop")
 
 
 # -- 5. availability follows reality; a rolling restart loses nothing ----------------------------------

@@ -378,3 +378,13 @@ def test_partial_websocket_frames_wait_for_their_end():
     for cut in range(len(close)):
         assert reqapi.websocket_client_frames(close[:cut]) == ([], close[:cut])
     assert reqapi.websocket_client_frames(close) == ([(reqapi.WS_CLOSE, b"\x03\xe8")], b"")
+
+
+def test_header_values_are_utf_8_as_kube_apiserver_writes_identities():
+    head = ("GET / HTTP/1.1\r\nX-Remote-User: 张三@example.com\r\nX-Remote-Group: Équipe-Ops\r\n"
+            "X-Remote-Group: 研发-平台组").encode("utf-8")
+    request = reqapi.parse_head(head)
+    assert request.headers["x-remote-user"] == "张三@example.com"
+    assert [v for n, v in request.header_items if n == "x-remote-group"] == ["Équipe-Ops", "研发-平台组"]
+    # Bytes that are not UTF-8 become U+FFFD, as Go's JSON encoding of a review would make them.
+    assert reqapi.parse_head(b"GET / HTTP/1.1\r\nX-Remote-User: a\xffb").headers["x-remote-user"] == "a\ufffdb"

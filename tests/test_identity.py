@@ -357,6 +357,31 @@ def test_delegated_authorization_with_subject_access_reviews(start_server, clust
     assert listing.status == 403 and "cannot list resource" in listing.json()["message"]
 
 
+def test_utf_8_identities_and_hundreds_of_groups_reach_the_review_whole(start_server, cluster, pki):
+    # kube-apiserver writes identities as UTF-8 and sends one X-Remote-Group line per group.
+    fake, args, env = cluster
+    server = start_server(*args, "--authorization-mode", "Delegated", env=env)
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    fake.clear_requests()
+    groups = ["研发-平台组", "Équipe-Ops"] + [f"team-{n:03d}" for n in range(300)]
+    connection = server.connection(pki.proxy)
+    try:
+        connection.putrequest("GET", OBJECT)
+        connection.putheader("X-Remote-User", "张三@example.com".encode())
+        for group in groups:
+            connection.putheader("X-Remote-Group", group.encode())
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+    finally:
+        connection.close()
+    reviews = [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
+    assert len(reviews) == 1
+    spec = reviews[0]["body"]["spec"]
+    assert spec["user"] == "张三@example.com" and spec["groups"] == groups + ["system:authenticated"]
+    server.wait_for_log("user=张三@example.com auth=front-proxy")
+
+
 # Regressions found in review
 
 def test_a_resumed_tls_session_keeps_its_identity(secured, pki):

@@ -394,15 +394,10 @@ def headers_of(count: int, size: int = 10) -> bytes:
     return b"".join(b"X-Field-%d: %s\r\n" % (i, b"v" * size) for i in range(count))
 
 
-def test_more_than_100_header_fields_are_answered_431(server, clean_log):
-    with Raw(server) as conn:
-        conn.send(b"GET /livez HTTP/1.1\r\n" + headers_of(101) + b"\r\n")
-        assert_status(conn.response(), 431, "RequestHeaderFieldsTooLarge")
-        assert conn.closed_within(2)
-
-
-def test_100_header_fields_are_served(server, clean_log):
-    answer = exchange(server, b"GET /livez HTTP/1.1\r\nConnection: close\r\n" + headers_of(99) + b"\r\n")
+def test_many_header_fields_are_served_the_head_size_is_the_bound(server, clean_log):
+    # kube-apiserver sends one X-Remote-Group line per group: a user in 1,000 groups is 1,000 lines
+    # (it was refused with 431 above 100 lines). Only the head's size is bounded (the tests below).
+    answer = exchange(server, b"GET /livez HTTP/1.1\r\nConnection: close\r\n" + headers_of(1000) + b"\r\n")
     assert answer is not None and answer.code == 200, answer
 
 
