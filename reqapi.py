@@ -2564,7 +2564,9 @@ def authenticate(config: AuthConfig, peer: Optional[PeerCertificate], header_ite
                             extra.setdefault(_unescape_extra_key(name[len(prefix):]), []).append(value)
                             break
             if user:
-                if "system:authenticated" not in groups:
+                # As k8s.io/apiserver's AuthenticatedGroupAdder: never for system:anonymous, nor
+                # when the groups already say authenticated or unauthenticated.
+                if user != "system:anonymous" and not {"system:authenticated", "system:unauthenticated"} & set(groups):
                     groups.append("system:authenticated")
                 return Identity(user, tuple(groups), tuple((k, tuple(v)) for k, v in sorted(extra.items())),
                                 "front-proxy", uid)

@@ -91,6 +91,19 @@ def test_authenticate_front_proxy_user_groups_and_extra():
                                     "authentication.kubernetes.io/credential-id": ("X509SHA256=ab",)}
 
 
+@pytest.mark.parametrize("user,groups,expected", [
+    ("system:anonymous", ["system:unauthenticated"], ("system:unauthenticated",)),
+    ("system:anonymous", [], ()),
+    ("alice", ["system:unauthenticated"], ("system:unauthenticated",)),
+    ("alice", ["system:authenticated", "dev"], ("system:authenticated", "dev")),
+    ("alice", ["dev"], ("dev", "system:authenticated")),
+])
+def test_system_authenticated_is_added_as_kube_apiservers_group_adder_does(user, groups, expected):
+    peer = reqapi.PeerCertificate(FP_ANCHOR, "front-proxy-client", ())
+    headers = [("x-remote-user", user)] + [("x-remote-group", group) for group in groups]
+    assert reqapi.authenticate(CONFIG, peer, headers, *ANCHORS).groups == expected
+
+
 def test_authenticate_refuses_front_proxy_names_not_allowed_and_missing_user():
     wrong = reqapi.PeerCertificate(FP_ANCHOR, "intruder", ())
     failure = reqapi.authenticate(CONFIG, wrong, [("x-remote-user", "admin")], *ANCHORS)
