@@ -78,6 +78,7 @@ import http
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -3343,8 +3344,17 @@ class Api:
     def watch(self, options: ListOptions, upgrade: Optional[WebSocketUpgrade] = None) -> WatchStream:
         """A watch: WatchEvents, each object encoded as the list would encode it (a Table sends its
         column definitions once, with the first row); newline-delimited, or one WebSocket frame each."""
-        timeout = self.watch_timeout if options.timeout_seconds is None else options.timeout_seconds
-        return WatchStream(options.output.content_type, self._watch_events(options, timeout), upgrade)
+        return WatchStream(options.output.content_type, self._watch_events(options, self.watch_length(options)),
+                           upgrade)
+
+    def watch_length(self, options: ListOptions) -> float:
+        """How long a watch lasts.  Without timeoutSeconds (or with 0), as kube-apiserver: the base
+        length (--watch-timeout, 30 minutes like its --min-request-timeout) times 1 to 2 at random,
+        so that watches begun together do not all end, and come back, together.  A timeoutSeconds
+        above twice the base is cut to twice the base: no watch holds its slot for longer."""
+        if not options.timeout_seconds:
+            return self.watch_timeout * (1.0 + random.random())
+        return min(float(options.timeout_seconds), 2 * self.watch_timeout)
 
     def _watch_events(self, options: ListOptions, timeout: float) -> Iterator[Optional[bytes]]:
         output = options.output
@@ -4523,8 +4533,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep-alive connections idle this long are closed")
     lifecycle.add_argument("--write-timeout", type=duration, default="30s",
                            help="time a client has to take each write of a response")
-    lifecycle.add_argument("--watch-timeout", type=duration, default="5m",
-                           help="a watch without ?timeoutSeconds= ends after this long")
+    lifecycle.add_argument("--watch-timeout", type=duration, default="30m",
+                           help="a watch without ?timeoutSeconds= ends after this long times 1 to 2 at random, "
+                                "as kube-apiserver's; a longer timeoutSeconds is cut to twice this")
     logging_group = parser.add_argument_group("logging")
     logging_group.add_argument("--log-format", choices=("text", "json"), default="text",
                                help="one line per request and event, as text or JSON")

@@ -388,3 +388,15 @@ def test_header_values_are_utf_8_as_kube_apiserver_writes_identities():
     assert [v for n, v in request.header_items if n == "x-remote-group"] == ["Équipe-Ops", "研发-平台组"]
     # Bytes that are not UTF-8 become U+FFFD, as Go's JSON encoding of a review would make them.
     assert reqapi.parse_head(b"GET / HTTP/1.1\r\nX-Remote-User: a\xffb").headers["x-remote-user"] == "a\ufffdb"
+
+
+def test_a_watch_lasts_as_kube_apiservers_do(api):
+    # No timeoutSeconds, or 0: the base (--watch-timeout, here 300 s) times 1 to 2 at random,
+    # as kube-apiserver does with its --min-request-timeout; reqapi ended every such watch after
+    # exactly 5 minutes before, so `kubectl get requests -w` quit silently after 5 minutes.
+    base = reqapi.ListOptions(None, (), (), reqapi.Output(), watch=True)
+    lengths = {api.watch_length(base) for _ in range(200)} | {api.watch_length(base._replace(timeout_seconds=0))
+                                                                 for _ in range(200)}
+    assert all(300 <= length < 600 for length in lengths) and len(lengths) > 300
+    assert api.watch_length(base._replace(timeout_seconds=10)) == 10
+    assert api.watch_length(base._replace(timeout_seconds=10 ** 9)) == 600     # cut to twice the base
