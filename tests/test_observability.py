@@ -91,3 +91,15 @@ def test_health_owns_readiness_shutdown_and_refusals():
     assert not ready() and not health.draining and not storage.history.closed
     health.drain()
     assert health.draining and storage.history.closed       # watches end with the drain
+
+
+def test_metric_series_stay_few_whatever_methods_clients_invent():
+    # Each distinct method used to make series of its own, never freed (even answered 401).
+    metrics = reqapi.Metrics()
+    for n in range(2000):
+        metrics.observe(f"M{n}" + "X" * 100, "", 401, 0.001)
+    metrics.observe("GET", "requests", 200, 0.001)
+    text = metrics.render()
+    assert 'reqapi_requests_total{verb="other",resource="",code="401"} 2000' in text
+    assert "XXXX" not in text
+    assert len(text) < 10_000
