@@ -1536,6 +1536,7 @@ class Request:
     has_body: bool = False           # a Content-Length above 0, or a Transfer-Encoding
     watch: bool = False              # ?watch= anything but 0/false (see Request.flag), or the /watch/ prefix
     websocket: bool = False          # Upgrade: websocket with Connection: upgrade (a WebSocket watch)
+    trusted: bool = False            # the caller authenticated (or authentication is off): set by Api.handle
     params: dict[str, str] = dataclasses.field(default_factory=dict)   # path parameters, set by routing
 
     def arg(self, name: str, default: str = "") -> str:
@@ -2753,11 +2754,20 @@ class Access:
         matched, always: a stranger learns nothing, not even which paths exist), then authorize
         unless the request is refused anyway.  Raises HTTPError 401, 403 or 503."""
         if route_kind == "public":
-            return ANONYMOUS
+            return self.identify_if_possible(peer, request)
         identity = self.identify(request, peer)
         if not refused:
             self.authorize(identity, request, route_kind == "resource")
         return identity
+
+    def identify_if_possible(self, peer: Optional[PeerCertificate], request: Request) -> Identity:
+        """Who calls a public path (health, version), if they say so; ANONYMOUS otherwise, never a
+        refusal.  A kubelet probe has no certificate and costs nothing here."""
+        config, requestheader_ders, client_ders = self._state
+        if peer is None or not config.enabled:
+            return ANONYMOUS
+        result = authenticate(config, peer, request.header_items, requestheader_ders, client_ders)
+        return ANONYMOUS if isinstance(result, AuthFailure) else result
 
     def identify(self, request: Request, peer: Optional[PeerCertificate]) -> Identity:
         config, requestheader_ders, client_ders = self._state
@@ -3115,10 +3125,15 @@ def endpoint_health(api: Api, request: Request) -> Response:
     only = request.params.get("check")
     checks = api.health.checks(root)
     excluded = set(request.query.get("exclude", []))
+    # Why a check failed (a rules path, the text of a refused rules file, the ServiceAccount) is
+    # told only to a caller who authenticated, or when authentication is off; probes and strangers
+    # get the status, as k8s.io/apiserver's "reason withheld" (reqapi's log has every reason).
+    withheld = not request.trusted
     if only is not None:
         for name, ok, detail in checks:
             if name == only:
-                return Response(200 if ok else 503, b"ok" if ok else f"internal server error: {detail}".encode(),
+                reason = "reason withheld" if withheld else detail
+                return Response(200 if ok else 503, b"ok" if ok else f"internal server error: {reason}".encode(),
                                 TEXT, (("X-Content-Type-Options", "nosniff"),))
         raise HTTPError.not_found()
     lines, healthy = [], True
@@ -3129,10 +3144,11 @@ def endpoint_health(api: Api, request: Request) -> Response:
             lines.append(f"[+]{name} ok")
         else:
             healthy = False
-            lines.append(f"[-]{name} failed: {detail}")
+            lines.append(f"[-]{name} failed: {'reason withheld' if withheld else detail}")
     for name in sorted(excluded - {name for name, _, _ in checks}):
         lines.append(f'warn: some health checks cannot be excluded: no matches for "{name}"')
-    lines.extend(f"warn: {warning}" for warning in api.health.warnings(root))
+    if not withheld:
+        lines.extend(f"warn: {warning}" for warning in api.health.warnings(root))
     verbose = "verbose" in request.query
     code = 200 if healthy else (503 if root == "readyz" else 500)
     if healthy and not verbose:
@@ -3287,6 +3303,7 @@ class Api:
                 request.params, kind = found[1], found[0].kind
             refusal = refusal_of(request, found)
             identity = self.access.admit(request, peer, None if found is None else found[0].kind, refusal is not None)
+            request.trusted = identity is not ANONYMOUS or not self.access.enabled
             if refusal is not None:
                 raise refusal
             result = found[0].endpoint(self, request)

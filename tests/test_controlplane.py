@@ -296,9 +296,11 @@ def test_a_websocket_watch_through_kube_apiserver(installed):
 def test_in_cluster_reads_the_authentication_configmap(installed, pod_a):
     # Pod "a" runs like the Deployment: no CA flags, a ServiceAccount token from the TokenRequest
     # API, RBAC from k8s/. It became ready by reading the ConfigMap kube-apiserver publishes.
-    verbose = pod_a.get("/readyz?verbose")
+    # (Health details are for callers who authenticate: the admin's cluster certificate does.)
+    verbose = pod_a.get("/readyz?verbose", client_cert=installed.plane.pki.admin)
     assert verbose.status == 200
     assert "configmap kube-system/extension-apiserver-authentication" in verbose.text
+    assert "configmap" not in pod_a.get("/readyz?verbose").text
     path = f"{GROUP_VERSION}/namespaces/shop/requests/checkout"
     refused = pod_a.get(path)                                   # a direct caller, no certificate
     assert refused.status == 401 and refused.json()["reason"] == "Unauthorized"

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import reqapi
-from conftest import GV, Kubectl, client_ca, client_cert, wait_until
+from conftest import GV, RULES, Kubectl, client_ca, client_cert, wait_until, write_rules
 from fake_apiserver import FakeKubeAPIServer, write_service_account_dir
 
 OBJECT = f"{GV}/namespaces/default/requests/web"
@@ -242,9 +242,27 @@ def test_kubectl_with_a_client_certificate(secured, pki, tmp_path):
     assert "You must be logged in to the server" in refused.stderr
 
 
-def test_readyz_verbose_names_the_authentication_source(secured):
-    text = secured.get("/readyz?verbose").text
+def test_readyz_verbose_names_the_authentication_source_to_callers_who_authenticated(secured, pki):
+    text = secured.get("/readyz?verbose", client_cert=pki.bob).text
     assert "authentication: flags" in text and "authentication is off" not in text
+    proxied = secured.get("/readyz?verbose", {"X-Remote-User": "alice"}, client_cert=pki.proxy).text
+    assert "authentication: flags" in proxied
+
+
+def test_health_reasons_are_withheld_from_strangers(start_server, pki, tmp_path):
+    # A stranger (a probe, anyone who can reach the port) learns the status, never the reason:
+    # the rules path and the text of a refused rules file were shown to anyone before.
+    rules = write_rules(tmp_path / "secret-rules.json", RULES)
+    server = start_server("--rules", str(rules), "--client-ca-file", str(pki.client_ca_file),
+                          "--reload-interval", "1h")
+    write_rules(rules, {**RULES, "defaults": {"cpu": "not-a-quantity", "memory": "1Gi"}})
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"rules refused")
+    stranger = server.get("/readyz?verbose")
+    assert stranger.status == 200 and "secret-rules" not in stranger.text and "refused" not in stranger.text
+    known = server.get("/readyz?verbose", client_cert=pki.bob)
+    assert known.status == 200 and "the newest rules file was refused" in known.text
+    assert "secret-rules.json" in known.text
 
 
 def test_bad_ca_file_is_refused_at_start(start_server, tmp_path, certs):
