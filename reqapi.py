@@ -1186,8 +1186,17 @@ TABLE_COLUMNS = [
      "description": "Time since the prediction was made.", "priority": 0},
 ]
 
-def partial_object_metadata(obj: Document) -> Document:
-    return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+def partial_object_metadata(obj: Document, version: str = "v1") -> Document:
+    """The object's metadata alone (metav1.PartialObjectMetadata), as k8s.io/apiserver answers
+    `as=PartialObjectMetadata` for any resource (client-go's metadata client and informers)."""
+    return {"kind": "PartialObjectMetadata", "apiVersion": f"meta.k8s.io/{version}", "metadata": obj["metadata"]}
+
+
+def partial_object_metadata_list(items: list[Document], version: str, resource_version: str,
+                                 continue_token: str = "", remaining: Optional[int] = None) -> Document:
+    return {"kind": "PartialObjectMetadataList", "apiVersion": f"meta.k8s.io/{version}",
+            "metadata": list_metadata(resource_version, continue_token, remaining),
+            "items": [partial_object_metadata(item, version) for item in items]}
 
 
 def table_row(obj: Document, include_object: str, now: float, created: float) -> Document:
@@ -1934,17 +1943,22 @@ def _json_range(media: MediaRange) -> bool:
 
 
 class Output(NamedTuple):
-    """The representation a resource endpoint answers with: plain JSON, or a meta.k8s.io Table."""
-    table_version: str = ""      # "" = plain JSON; else "v1" or "v1beta1"
+    """The representation a resource endpoint answers with: plain JSON, a meta.k8s.io Table, or
+    the metadata alone (PartialObjectMetadata, ...List for a list)."""
+    table_version: str = ""      # "" = not a Table; else "v1" or "v1beta1"
     include_object: str = ""     # tables only: None, Metadata or Object (?includeObject=)
     content_type: str = JSON
+    partial_version: str = ""    # "" = not metadata alone; else "v1" or "v1beta1"
 
 
 JSON_OUTPUT = Output()
 
 
-def negotiate_object(request: Request) -> Output:
-    """Plain JSON or a Table (v1 or v1beta1) for resource endpoints, by the Accept header; 406 otherwise."""
+def negotiate_object(request: Request, partial_kind: str = "PartialObjectMetadata") -> Output:
+    """Plain JSON, a Table or the metadata alone (v1 or v1beta1) for resource endpoints, by the
+    Accept header; 406 otherwise.  partial_kind is the metadata kind this request may get: a list
+    gets PartialObjectMetadataList, an object or a watch's events PartialObjectMetadata; a media
+    range asking for the other one is passed over, as k8s.io/apiserver does."""
     accept = request.headers.get("accept", "")
     if not accept or accept == JSON:       # the common cases, without parsing (1.5 µs of a GET's ~16)
         return JSON_OUTPUT
@@ -1954,11 +1968,15 @@ def negotiate_object(request: Request) -> Output:
         as_kind = media.params.get("as")
         if as_kind is None:
             return JSON_OUTPUT
-        if as_kind == "Table" and media.params.get("g") == "meta.k8s.io" and \
-                media.params.get("v") in ("v1", "v1beta1"):
-            version = media.params["v"]
+        if media.params.get("g") != "meta.k8s.io" or media.params.get("v") not in ("v1", "v1beta1"):
+            continue
+        version = media.params["v"]
+        if as_kind == "Table":
             return Output(version, include_object_of(request), TABLE_TYPE.format(version=version))
-    raise HTTPError.not_acceptable(ACCEPTED_TYPES)
+        if as_kind == partial_kind:
+            return Output(content_type=f"{JSON};as={as_kind};g=meta.k8s.io;v={version}", partial_version=version)
+    raise HTTPError.not_acceptable(f"{ACCEPTED_TYPES}, {JSON};as={partial_kind};g=meta.k8s.io;v=v1, "
+                                   f"{JSON};as={partial_kind};g=meta.k8s.io;v=v1beta1")
 
 
 def include_object_of(request: Request) -> str:
@@ -2193,7 +2211,7 @@ def list_options(request: Request) -> ListOptions:
         raise HTTPError.bad_request(str(error)) from None
     if request.watch:
         return _watch_options(request, namespace, fields, labels)
-    output = negotiate_object(request)
+    output = negotiate_object(request, "PartialObjectMetadataList")
     continue_version, after = "", None
     exact_version = ""
     token = request.arg("continue")
@@ -3169,12 +3187,16 @@ def endpoint_get(api: Api, request: Request) -> Union[Response, WatchStream]:
     options = object_options(request)
     if isinstance(options, ListOptions):
         return api.watch(options, websocket_upgrade(request) if request.websocket else None)
-    if not options.output.table_version:
+    output = options.output
+    if not output.table_version and not output.partial_version:
         return Response(200, api.object_json(options.namespace, options.name), JSON, NO_CACHE)
     now = time.time()
     generation = api.storage.history.current
     obj = requests_object(options.namespace, options.name, generation.prediction(options.namespace, options.name),
                           generation.resource_version, int(now))
+    if output.partial_version:
+        return Response(200, dumps(partial_object_metadata(obj, output.partial_version)), output.content_type,
+                        NO_CACHE)
     document = table([table_row(obj, options.output.include_object, now, int(now))], generation.resource_version,
                      options.output.table_version)
     return Response(200, dumps(document), options.output.content_type, NO_CACHE)
@@ -3360,6 +3382,10 @@ class Api:
         objects = [requests_object(ns, name, prediction, generation.resource_version, now)
                    for (ns, name), prediction in items]
         output = options.output
+        if output.partial_version:
+            document = partial_object_metadata_list(objects, output.partial_version, generation.resource_version,
+                                                    continue_token, remaining)
+            return Response(200, dumps(document), output.content_type, NO_CACHE)
         if not output.table_version:
             document = requests_list(objects, generation.resource_version, continue_token, remaining)
             return Response(200, dumps(document), JSON, NO_CACHE)
@@ -3392,15 +3418,19 @@ class Api:
                 yield dumps(watch_event("ERROR", status(
                     410, "Expired", f"too old resource version: {options.resource_version} "
                     f"({change.resource_version}); list again to get the current resourceVersion")))
-            elif change.type == "INITIAL_END":
-                yield dumps(watch_event("BOOKMARK", bookmark(change.resource_version, initial_events_end=True)))
-            elif change.type == "BOOKMARK":
-                if not output.table_version:
-                    yield dumps(watch_event("BOOKMARK", bookmark(change.resource_version)))
+            elif change.type in ("INITIAL_END", "BOOKMARK"):
+                if change.type == "BOOKMARK" and output.table_version:
+                    continue
+                marker = bookmark(change.resource_version, initial_events_end=change.type == "INITIAL_END")
+                if output.partial_version:
+                    marker = partial_object_metadata(marker, output.partial_version)
+                yield dumps(watch_event("BOOKMARK", marker))
             else:
                 now = int(time.time())
                 obj = requests_object(change.key[0], change.key[1], change.prediction, change.resource_version, now)
-                if output.table_version:
+                if output.partial_version:
+                    obj = partial_object_metadata(obj, output.partial_version)
+                elif output.table_version:
                     obj = table([table_row(obj, output.include_object, now, now)], change.resource_version,
                                 output.table_version, not columns_sent)
                     columns_sent = True

@@ -269,6 +269,22 @@ def test_a_watch_spelled_as_go_parses_booleans_is_a_watch_behind_kube_apiserver(
     assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "checkout"
 
 
+def test_client_gos_metadata_client_through_kube_apiserver(installed):
+    """Metadata informers (and inventory or backup tools built on them) ask any resource for
+    PartialObjectMetadata; client-go's metadata client could not decode reqapi's watch events."""
+    plane = installed.plane
+    result = subprocess.run([str(plane.bin_dir / "metadataclient"), str(plane.admin_kubeconfig), "shop", "checkout"],
+                            capture_output=True, text=True, timeout=90)
+    steps = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0, (steps, result.stderr)
+    # (client-go's decoder clears kind and apiVersion once it has decoded into its own types.)
+    get, listed, *watched = steps
+    assert get["name"] == "checkout" and get["annotations"] == {"k8s.wujiuye.com/rule": "checkout"}
+    assert listed["names"] == ["checkout"]
+    # Each event decoded as a *metav1.PartialObjectMetadata (the program says "object" otherwise).
+    assert [(event["type"], event.get("name")) for event in watched] == [("ADDED", "checkout")]
+
+
 def test_a_websocket_watch_through_kube_apiserver(installed):
     """Web consoles watch over WebSocket; kube-apiserver's proxy dials reqapi with the upgrade and
     answers "503 invalid upgrade response" unless reqapi switches protocols."""

@@ -297,6 +297,46 @@ def test_watch_of_one_name_as_table(rules_server):
     assert event["object"]["rows"][0]["cells"][:4] == ["checkout", "2", "3Gi", "checkout"]
 
 
+# PartialObjectMetadata: what client-go's metadata client and informers ask any resource for
+# (its Accept headers, copied from client-go's metadata package). reqapi answered 406 before, and
+# its watch events could not be decoded by the metadata client.
+METADATA_ACCEPT = ("application/vnd.kubernetes.protobuf;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,"
+                   "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json")
+METADATA_LIST_ACCEPT = METADATA_ACCEPT.replace("PartialObjectMetadata;", "PartialObjectMetadataList;")
+
+
+@pytest.mark.parametrize("version", ["v1", "v1beta1"])
+def test_partial_object_metadata_for_get_list_and_watch(rules_server, version):
+    accept = f"application/json;as=PartialObjectMetadata;g=meta.k8s.io;v={version}"
+    one = rules_server.get(f"{GV}/namespaces/shop/requests/checkout", {"Accept": accept})
+    assert one.status == 200 and one.headers["content-type"] == accept
+    full = rules_server.get(f"{GV}/namespaces/shop/requests/checkout").json()
+    assert one.json() == {"kind": "PartialObjectMetadata", "apiVersion": f"meta.k8s.io/{version}",
+                          "metadata": full["metadata"]}
+    listed = rules_server.get(f"{GV}/namespaces/shop/requests?limit=1",
+                              {"Accept": accept.replace("PartialObjectMetadata", "PartialObjectMetadataList")})
+    assert listed.status == 200
+    document = listed.json()
+    assert document["kind"] == "PartialObjectMetadataList" and document["apiVersion"] == f"meta.k8s.io/{version}"
+    assert document["metadata"]["continue"] and document["metadata"]["remainingItemCount"] == 1
+    assert [(item["kind"], item["metadata"]["name"]) for item in document["items"]] == [
+        ("PartialObjectMetadata", "checkout")]
+    events = read_watch(rules_server, f"{GV}/namespaces/shop/requests?watch=1&timeoutSeconds=1", {"Accept": accept})
+    assert [(e["type"], e["object"]["kind"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "PartialObjectMetadata", "checkout"), ("ADDED", "PartialObjectMetadata", "search")]
+
+
+def test_the_metadata_clients_accept_headers(rules_server):
+    listed = rules_server.get(f"{GV}/namespaces/shop/requests", {"Accept": METADATA_LIST_ACCEPT})
+    assert listed.status == 200 and listed.json()["kind"] == "PartialObjectMetadataList"
+    one = rules_server.get(f"{GV}/namespaces/shop/requests/checkout", {"Accept": METADATA_ACCEPT})
+    assert one.json()["kind"] == "PartialObjectMetadata"
+    # A list offered only the single-object kind (or the other way round) is not acceptable.
+    assert_status(rules_server.get(f"{GV}/namespaces/shop/requests",
+                                   {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}),
+                  406, "NotAcceptable", "as=PartialObjectMetadataList")
+
+
 def test_watch_sees_modified_added_and_deleted_after_a_reload(rules_server, rules_file):
     connection = rules_server.connection(timeout=30)
     connection.request("GET", f"{GV}/requests?watch=true&timeoutSeconds=20")
