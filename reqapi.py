@@ -1652,8 +1652,12 @@ def parse_head(head: bytes) -> Request:
                          "LF); header lines end with CRLF and values hold no control characters")
     lines = text.split("\r\n")
     request_line = lines[0]
-    if len(request_line) > MAX_REQUEST_LINE:
-        raise BadRequest(414, "RequestURITooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+    # The path is bounded by itself; the query only by the head's size, as Go bounds it (long label
+    # and field selectors are legitimate: kube-apiserver forwards what its clients send).
+    path_end = request_line.find("?")
+    if (path_end if path_end >= 0 else len(request_line)) > MAX_REQUEST_LINE:
+        raise BadRequest(414, "RequestURITooLong", f"the request line is longer than {MAX_REQUEST_LINE} bytes "
+                         f"before its query")
     parts = request_line.split(" ")
     if len(parts) != 3:
         raise BadRequest(400, "BadRequest", f"malformed request line {request_line[:100]!r}: expected "
@@ -3699,9 +3703,14 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 if end >= 0:
                     self.idle = False
                     return buffer[:end], buffer[end + 4:]
-                if b"\r\n" not in buffer[:MAX_REQUEST_LINE + 2] and len(buffer) > MAX_REQUEST_LINE:
+                if b"\r\n" not in buffer[:MAX_REQUEST_LINE + 2] and len(buffer) > MAX_REQUEST_LINE and \
+                        b"?" not in buffer[:MAX_REQUEST_LINE]:
                     raise BadRequest(414, "RequestURITooLong",
-                                     f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+                                     f"the request line is longer than {MAX_REQUEST_LINE} bytes before its query")
+                if b"\n\n" in buffer or b"\n\r\n" in buffer:
+                    # A head whose lines end with a bare LF would never end: refuse it now, not at
+                    # the read-header timeout.
+                    raise BadRequest(400, "BadRequest", "request head lines must end with CRLF, not a bare LF")
                 if head_deadline is not None and buffer:
                     remaining = head_deadline - time.monotonic()
                     if remaining <= 0:

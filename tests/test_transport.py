@@ -390,6 +390,25 @@ def test_a_request_line_just_under_the_limit_is_served(server, clean_log):
     assert answer is not None and answer.code == 200, answer
 
 
+def test_a_long_selector_is_served_up_to_the_head_limit(server, clean_log):
+    # Only the path is bounded by the request-line limit; a 20 KB labelSelector (kube-apiserver
+    # forwards whatever its clients send) was answered 414 before.
+    selector = "app+in+(" + ",".join(f"v{n}" for n in range(3000)) + ")"
+    line = f"GET {GV}/requests?labelSelector={selector} HTTP/1.1".encode()
+    assert reqapi.MAX_REQUEST_LINE < len(line) < reqapi.MAX_HEAD_BYTES
+    answer = exchange(server, line + b"\r\nConnection: close\r\n\r\n")
+    assert answer is not None and answer.code == 200 and answer.json()["items"] == [], answer
+
+
+def test_a_head_with_bare_lf_line_ends_is_refused_at_once(server, clean_log):
+    # It never contains CRLF CRLF: the server waited for the 30 s read-header timeout before.
+    for head in (b"GET /livez HTTP/1.1\nHost: a\n\n", b"GET /livez HTTP/1.1\r\nHost: a\n\r\n"):
+        with Raw(server) as conn:
+            conn.send(head)
+            assert_status(conn.response(), 400, "BadRequest")
+            assert conn.closed_within(2)
+
+
 def headers_of(count: int, size: int = 10) -> bytes:
     return b"".join(b"X-Field-%d: %s\r\n" % (i, b"v" * size) for i in range(count))
 
