@@ -2620,14 +2620,17 @@ class AuthorizationDecision(NamedTuple):
     attributes: dict[str, Any]      # what was asked: the SubjectAccessReview's attributes
 
 
-def forbidden_message(identity: Identity, verb: str, namespace: str, name: str, path: str) -> str:
+def forbidden_message(identity: Identity, verb: str, namespace: str, name: str, path: str,
+                      resource: Optional[bool] = None) -> str:
     """kube-apiserver's wording for a denial: 'requests.k8s.wujiuye.com "web" is forbidden: User "u" cannot
     get resource "requests" in API group "k8s.wujiuye.com" in the namespace "shop"', and for
     non-resource paths 'forbidden: User "u" cannot get path "/metrics"' (user name HTML-escaped, as Go's
     authorization error does)."""
     user = identity.user.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    if not path.startswith("/apis/" + GROUP_VERSION + "/") or verb not in ("get", "list", "watch"):
-        return f'forbidden: User "{user}" cannot get path "{path}"'
+    if resource is None:
+        resource = path.startswith("/apis/" + GROUP_VERSION + "/")
+    if not resource:
+        return f'forbidden: User "{user}" cannot {verb} path "{path}"'
     subject = f'{QUALIFIED_RESOURCE} "{name}"' if name else QUALIFIED_RESOURCE
     scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
     return (f'{subject} is forbidden: User "{user}" cannot {verb} resource "{RESOURCE}" '
@@ -2721,6 +2724,9 @@ class AlwaysAllow:
 Authorizer = Union[AlwaysAllow, DelegatedAuthorizer]
 
 
+_WRITE_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
 def request_attributes(request: Request, resource_route: bool) -> Document:
     """SubjectAccessReview attributes, as k8s.io/apiserver's RequestInfo derives them: a resource
     request names verb, group, version, resource, namespace and name (a list or watch pinned to
@@ -2728,7 +2734,12 @@ def request_attributes(request: Request, resource_route: bool) -> Document:
     if not resource_route:
         return {"nonResourceAttributes": {"path": request.path, "verb": request.method.lower()}}
     name = request.params.get("name", "")
-    if name:
+    if request.method not in ("GET", "HEAD"):
+        # Refused by reqapi (read-only) after this check, but asked as kube-apiserver would ask it.
+        verb = _WRITE_VERBS.get(request.method, request.method.lower())
+        if verb == "delete" and not name:
+            verb = "deletecollection"
+    elif name:
         verb = "watch" if request.watch else "get"
     else:
         verb = "watch" if request.watch else "list"
@@ -2770,16 +2781,17 @@ class Access:
         """No configuration could be loaded: requests get 503 until one is (unless one is already set)."""
         self.problem = problem
 
-    def admit(self, request: Request, peer: Optional[PeerCertificate], route_kind: Optional[str],
-              refused: bool) -> Identity:
+    def admit(self, request: Request, peer: Optional[PeerCertificate], route_kind: Optional[str]) -> Identity:
         """Who is calling, and may they: authenticate unless the route is public (or, when no route
-        matched, always: a stranger learns nothing, not even which paths exist), then authorize
-        unless the request is refused anyway.  Raises HTTPError 401, 403 or 503."""
+        matched, always: a stranger learns nothing, not even which paths exist), then authorize.
+        Raises HTTPError 401, 403 or 503."""
         if route_kind == "public":
             return self.identify_if_possible(peer, request)
         identity = self.identify(request, peer)
-        if not refused:
-            self.authorize(identity, request, route_kind == "resource")
+        # Authorized even when the request is refused next (404, 405, 400): as in kube-apiserver,
+        # whose authorization filter runs before routing, a caller without rights gets 403 and
+        # learns nothing about which paths and methods exist.  (AlwaysAllow asks nobody.)
+        self.authorize(identity, request, route_kind == "resource")
         return identity
 
     def identify_if_possible(self, peer: Optional[PeerCertificate], request: Request) -> Identity:
@@ -2809,8 +2821,9 @@ class Access:
                                      f"system:auth-delegator") from None
         if not decision.allowed:
             resource = decision.attributes.get("resourceAttributes", {})
-            message = forbidden_message(identity, resource.get("verb", "get"), resource.get("namespace", ""),
-                                        resource.get("name", ""), request.path)
+            verb = resource.get("verb") or decision.attributes.get("nonResourceAttributes", {}).get("verb", "get")
+            message = forbidden_message(identity, verb, resource.get("namespace", ""), resource.get("name", ""),
+                                        request.path, bool(resource))
             if decision.reason:
                 message += f": {decision.reason}"
             raise HTTPError.forbidden(message, resource_details(resource.get("name", "")) if resource else {})
@@ -3328,7 +3341,7 @@ class Api:
                 # authorization names the namespace and name, metrics the resource.
                 request.params, kind = found[1], found[0].kind
             refusal = refusal_of(request, found)
-            identity = self.access.admit(request, peer, None if found is None else found[0].kind, refusal is not None)
+            identity = self.access.admit(request, peer, None if found is None else found[0].kind)
             request.trusted = identity is not ANONYMOUS or not self.access.enabled
             if refusal is not None:
                 raise refusal

@@ -388,6 +388,32 @@ def test_delegated_authorization_with_subject_access_reviews(start_server, clust
     assert listing.status == 403 and "cannot list resource" in listing.json()["message"]
 
 
+def test_with_delegated_authorization_403_comes_before_404_and_405(start_server, cluster, pki):
+    # kube-apiserver authorizes before it routes: a caller without rights learns nothing about
+    # which paths or methods exist. reqapi answered 404/405 without asking before.
+    fake, args, env = cluster
+    fake.sar_decider = lambda spec: ({"allowed": True} if spec["user"] == "alice" and
+                                     spec.get("resourceAttributes", {}).get("verb") == "get"
+                                     else {"allowed": False})
+    server = start_server(*args, "--authorization-mode", "Delegated", env=env)
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    as_mallory, as_alice = {"X-Remote-User": "mallory"}, {"X-Remote-User": "alice"}
+    assert server.get("/no/such/path", as_mallory, client_cert=pki.proxy).status == 403
+    denied = server.get(OBJECT, as_mallory, client_cert=pki.proxy, method="DELETE")
+    assert denied.status == 403
+    assert denied.json()["message"].startswith('requests.k8s.wujiuye.com "web" is forbidden: User "mallory" '
+                                               'cannot delete resource "requests"'), denied.json()
+    fake.clear_requests()
+    assert server.get(OBJECT, as_alice, client_cert=pki.proxy, method="DELETE").status == 403
+    (review,) = [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
+    assert review["body"]["spec"]["resourceAttributes"]["verb"] == "delete"
+    # Allowed callers still get the honest refusal (a new user: decisions are cached for 10 s).
+    fake.sar_decider = lambda spec: {"allowed": True}
+    as_carol = {"X-Remote-User": "carol"}
+    assert server.get(f"{OBJECT}x/y", as_carol, client_cert=pki.proxy).status == 404
+    assert server.get(OBJECT, as_carol, client_cert=pki.proxy, method="DELETE").status == 405
+
+
 def test_utf_8_identities_and_hundreds_of_groups_reach_the_review_whole(start_server, cluster, pki):
     # kube-apiserver writes identities as UTF-8 and sends one X-Remote-Group line per group.
     fake, args, env = cluster
