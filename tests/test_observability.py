@@ -103,3 +103,28 @@ def test_metric_series_stay_few_whatever_methods_clients_invent():
     assert 'reqapi_requests_total{verb="other",resource="",code="401"} 2000' in text
     assert "XXXX" not in text
     assert len(text) < 10_000
+
+
+def test_a_stderr_nobody_reads_costs_bounded_memory_and_never_holds_up_a_final_flush():
+    # A pipe that is never read: the writer thread blocks once the pipe is full (64 KiB), and the
+    # queue grew without bound before (478 MB after 40k requests); shutdown's flush hung with it.
+    import time
+    read_end, write_end = os.pipe()
+    try:
+        log = reqapi.Logger(fd=write_end)
+        log.start_background_writer()
+        identity = reqapi.Identity("alice")
+        for _ in range(60_000):
+            log.request("GET", "/apis/k8s.wujiuye.com/v1beta1/namespaces/shop/requests/" + "x" * 60, 200, 0.001,
+                        identity, "127.0.0.1:1", "")
+        assert log._queued <= reqapi.Logger.MAX_QUEUED_BYTES
+        assert sum(len(line) for line in log.queue) <= reqapi.Logger.MAX_QUEUED_BYTES
+        assert log.dropped > 0
+        started = time.monotonic()
+        log.flush(deadline=time.monotonic() + 0.3)
+        assert time.monotonic() - started < 5          # generous: it gives up at its deadline
+    finally:
+        log.queue = None                # the writer thread finds nothing more to write...
+        os.close(read_end)              # ...a write blocked on the full pipe fails now (EPIPE)...
+        assert log._writing.acquire(timeout=10)     # ...and it lets go of the descriptor
+        os.close(write_end)
