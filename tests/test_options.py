@@ -58,13 +58,19 @@ def test_continue_tokens_round_trip_and_refuse_garbage():
     ("application/json;as=Table;v=v1;g=meta.k8s.io,application/json", ("table", "v1")),
     ("application/json;as=Table;v=v1beta1;g=meta.k8s.io", ("table", "v1beta1")),
     ("application/json;as=Table;v=v2;g=meta.k8s.io,application/json", ("json", "")),
-    ("application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io,application/json", ("json", "")),
+    ("application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io,application/json", ("partial", "v1")),
+    ("application/json;as=PartialObjectMetadata;v=v1beta1;g=meta.k8s.io", ("partial", "v1beta1")),
+    ("application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json", ("json", "")),
     ("application/yaml;q=1,application/json;q=0.5", ("json", "")),
 ])
 def test_object_negotiation(accept, expected):
     output = reqapi.negotiate_object(request_for("/", accept))
-    assert ("table" if output.table_version else "json", output.table_version) == expected
-    assert output.content_type == (reqapi.TABLE_TYPE.format(version=expected[1]) if expected[1] else reqapi.JSON)
+    kind = "table" if output.table_version else "partial" if output.partial_version else "json"
+    assert (kind, output.table_version or output.partial_version) == expected
+    if kind == "partial":
+        assert output.content_type == f"application/json;as=PartialObjectMetadata;g=meta.k8s.io;v={expected[1]}"
+    else:
+        assert output.content_type == (reqapi.TABLE_TYPE.format(version=expected[1]) if expected[1] else reqapi.JSON)
 
 
 @pytest.mark.parametrize("accept,expected", [
