@@ -127,11 +127,19 @@ def start_prometheus(blocks: Path, workdir: Path, max_samples: int | None = None
             "--query.timeout=2m"]
     if max_samples is not None:
         argv.append(f"--query.max-samples={max_samples}")
+    return launch("prometheus", argv, port, log, "/-/ready")
+
+
+def launch(name: str, argv: list[str], port: int, log: Path, ready_path: str,
+           then: Callable[["Engine"], None] = lambda engine: None) -> "Engine":
+    """Start an engine with its output in log, wait until ready_path answers, run `then` (an
+    import), and stop it again if any of that fails."""
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    engine = Engine("prometheus", f"http://127.0.0.1:{port}", process, log)
+    engine = Engine(name, f"http://127.0.0.1:{port}", process, log)
     try:
-        poll(lambda: http_ok(engine.url + "/-/ready"), "prometheus /-/ready", process=process, log=log)
+        poll(lambda: http_ok(engine.url + ready_path), f"{name} {ready_path}", process=process, log=log)
+        then(engine)
     except BaseException:
         engine.stop()
         raise
@@ -151,12 +159,10 @@ def start_victoriametrics(workdir: Path, openmetrics_files: Iterable[Path], max_
             "-retentionPeriod=100y", "-search.disableCache", "-loggerLevel=WARN"]
     if max_samples is not None:
         argv.append(f"-search.maxSamplesPerQuery={max_samples}")
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    engine = Engine("victoriametrics", f"http://127.0.0.1:{port}", process, log)
-    try:
-        poll(lambda: http_ok(engine.url + "/health"), "victoria-metrics /health", process=process, log=log)
-        for path in openmetrics_files:
+    files = list(openmetrics_files)
+
+    def load(engine: Engine) -> None:
+        for path in files:
             with path.open("rb") as f:
                 request = urllib.request.Request(engine.url + "/api/v1/import/prometheus", data=f, method="POST",
                                                  headers={"Content-Length": str(path.stat().st_size)})
@@ -166,10 +172,8 @@ def start_victoriametrics(workdir: Path, openmetrics_files: Iterable[Path], max_
         # Imported rows sit in in-memory buffers for about a second; flushing makes them searchable.
         with urllib.request.urlopen(engine.url + "/internal/force_flush", timeout=60):
             pass
-    except BaseException:
-        engine.stop()
-        raise
-    return engine
+
+    return launch("victoriametrics", argv, port, log, "/health", load)
 
 
 def instant(engine: Engine, query: str, at: int, extra: Mapping[str, str] | None = None) -> dict:

@@ -47,7 +47,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))             # tests/: conftest's Server is the one way to start reqapi
-from conftest import ROOT, Server, write_rules  # noqa: E402
+from conftest import ROOT, Answer, Server, write_rules  # noqa: E402
 BUILD_SCRIPT = HERE / "build.sh"
 
 # Where a test run's veth pairs come from. Each run takes one /29 of 198.18.0.0/15 chosen by its
@@ -125,23 +125,6 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"--- last lines of {path} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return f"--- {path}: no log ---"
-
-
-class Answer:
-    """A response from kube-apiserver (status, lower-case headers, body)."""
-
-    def __init__(self, status: int, headers: dict[str, str], body: bytes):
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-    def __repr__(self) -> str:
-        return f"<Answer {self.status} {self.body[:400]!r}>"
 
 
 class NetworkNamespace:
