@@ -10,7 +10,7 @@ metrics engine returns them; answers are whole numbers, rounded up so a request 
 below what was computed.
 
 The algorithm (constants in `Params`, chosen on the evaluation's tuning seeds, see
-docs/recommender.md):
+docs/history-estimator.md):
 
 * CPU: per completed day, the p95 of the CPU rate (`rate(...[2m])` sampled each minute: the
   evaluation found a 5-minute rate smooths bursts away and under-requests bursty workloads),

@@ -5,7 +5,7 @@
     python3 tests/evaluation/evaluate.py --tune        # the constant sweep, on the tuning seeds only
     python3 tests/evaluation/evaluate.py --seeds 101-110 --horizon 3
 
-Pure functions over generated traces (traces.py); no Prometheus. See docs/recommender.md.
+Pure functions over generated traces (traces.py); no Prometheus. See docs/history-estimator.md.
 """
 
 from __future__ import annotations
