@@ -2621,15 +2621,12 @@ class AuthorizationDecision(NamedTuple):
     attributes: dict[str, Any]      # what was asked: the SubjectAccessReview's attributes
 
 
-def forbidden_message(identity: Identity, verb: str, namespace: str, name: str, path: str,
-                      resource: Optional[bool] = None) -> str:
+def forbidden_message(identity: Identity, verb: str, namespace: str, name: str, path: str, resource: bool) -> str:
     """kube-apiserver's wording for a denial: 'requests.k8s.wujiuye.com "web" is forbidden: User "u" cannot
     get resource "requests" in API group "k8s.wujiuye.com" in the namespace "shop"', and for
     non-resource paths 'forbidden: User "u" cannot get path "/metrics"' (user name HTML-escaped, as Go's
     authorization error does)."""
     user = identity.user.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    if resource is None:
-        resource = path.startswith("/apis/" + GROUP_VERSION + "/")
     if not resource:
         return f'forbidden: User "{user}" cannot {verb} path "{path}"'
     subject = f'{QUALIFIED_RESOURCE} "{name}"' if name else QUALIFIED_RESOURCE
@@ -2798,11 +2795,12 @@ class Access:
     def identify_if_possible(self, peer: Optional[PeerCertificate], request: Request) -> Identity:
         """Who calls a public path (health, version), if they say so; ANONYMOUS otherwise, never a
         refusal.  A kubelet probe has no certificate and costs nothing here."""
-        config, requestheader_ders, client_ders = self._state
-        if peer is None or not config.enabled:
+        if peer is None or not self.enabled:
             return ANONYMOUS
-        result = authenticate(config, peer, request.header_items, requestheader_ders, client_ders)
-        return ANONYMOUS if isinstance(result, AuthFailure) else result
+        try:
+            return self.identify(request, peer)
+        except HTTPError:
+            return ANONYMOUS
 
     def identify(self, request: Request, peer: Optional[PeerCertificate]) -> Identity:
         config, requestheader_ders, client_ders = self._state
@@ -3819,11 +3817,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.tls.sendall(data)             # one write: no Nagle / delayed-ACK stall
 
     def stream(self, watch: WatchStream, request: Request) -> bool:
-        """Write a watch as chunked newline-delimited JSON.  False if the client went away."""
-        if watch.upgrade is not None:
-            return self.stream_websocket(watch, watch.upgrade)
+        """Write a watch: chunked newline-delimited JSON or, after a WebSocket handshake, one text
+        frame per event and a close frame at the end.  True if the connection can carry another
+        request (never after WebSocket); False too if the client went away."""
         encoder, write_timeout = self.server.encoder, self.server.settings.write_timeout
-        head = encoder.watch_head(watch.content_type, request.audit_id)
+        if watch.upgrade is None:
+            head, frame, ending = encoder.watch_head(watch.content_type, request.audit_id), encoder.chunk, LAST_CHUNK
+            gone = self.client_gone
+        else:
+            head, frame = encoder.websocket_head(watch.upgrade), encoder.websocket_frame
+            ending = encoder.websocket_frame(WS_NORMAL_CLOSURE.to_bytes(2, "big"), WS_CLOSE)
+            gone = self.websocket_gone
         self.watching = True
         try:
             self.set_deadline(write_timeout)
@@ -3832,15 +3836,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 return True                 # a HEAD answer has no body, not even a last chunk
             for event in watch.events:
                 if event is None:
-                    if self.client_gone():
+                    if gone():
                         return False
                     continue
                 self.set_deadline(write_timeout)
-                self.tls.sendall(encoder.chunk(event))
+                self.tls.sendall(frame(event))
                 self.deadline = math.inf        # waiting for the next event is not a write
             self.set_deadline(write_timeout)
-            self.tls.sendall(LAST_CHUNK)
-            return True
+            self.tls.sendall(ending)
+            return watch.upgrade is None
         except (OSError, ssl.SSLError):
             return False
         finally:
@@ -3849,37 +3853,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if close:
                 close()
 
-    def stream_websocket(self, watch: WatchStream, upgrade: WebSocketUpgrade) -> bool:
-        """Write a watch as WebSocket text frames, one event each, and end with a close frame.
-        Always False: the connection spoke WebSocket and cannot carry another HTTP request."""
-        encoder, write_timeout = self.server.encoder, self.server.settings.write_timeout
-        self.watching = True
-        try:
-            self.set_deadline(write_timeout)
-            self.tls.sendall(encoder.websocket_head(upgrade))
-            self.leftover = b""             # what the client sends from now on are frames
-            for event in watch.events:
-                if event is None:
-                    if self.client_gone() or self.websocket_closed():
-                        return False
-                    continue
-                self.set_deadline(write_timeout)
-                self.tls.sendall(encoder.websocket_frame(event))
-                self.deadline = math.inf
-            self.set_deadline(write_timeout)
-            self.tls.sendall(encoder.websocket_frame(WS_NORMAL_CLOSURE.to_bytes(2, "big"), WS_CLOSE))
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            self.watching = False
-            close = getattr(watch.events, "close", None)
-            if close:
-                close()
-        return False
-
-    def websocket_closed(self) -> bool:
-        """During a WebSocket watch: answer the client's pings and closes (RFC 6455 section 5.5);
-        True once it has closed.  Other frames are read and dropped, as k8s.io/apiserver does."""
+    def websocket_gone(self) -> bool:
+        """During a WebSocket watch: has the client gone, or closed?  Everything it sent after its
+        handshake (self.leftover) is frames: pings and closes are answered (RFC 6455 section 5.5),
+        other frames are read and dropped, as k8s.io/apiserver does."""
+        if self.client_gone():
+            return True
         frames, self.leftover = websocket_client_frames(self.leftover)
         encoder = self.server.encoder
         for opcode, payload in frames:

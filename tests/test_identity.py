@@ -149,11 +149,12 @@ def test_configmap_parsing_follows_k8s_apiserver():
 
 def test_forbidden_message_in_kube_apiserver_wording():
     alice = reqapi.Identity("alice")
-    assert reqapi.forbidden_message(alice, "get", "default", "x", f"{GV}/namespaces/default/requests/x") == (
+    assert reqapi.forbidden_message(alice, "get", "default", "x", f"{GV}/namespaces/default/requests/x",
+                                    True) == (
         'requests.k8s.wujiuye.com "x" is forbidden: User "alice" cannot get resource "requests" in API group '
         '"k8s.wujiuye.com" in the namespace "default"')
-    assert reqapi.forbidden_message(alice, "list", "", "", f"{GV}/requests").endswith("at the cluster scope")
-    assert reqapi.forbidden_message(reqapi.Identity("<x>"), "get", "", "", "/apis") == (
+    assert reqapi.forbidden_message(alice, "list", "", "", f"{GV}/requests", True).endswith("at the cluster scope")
+    assert reqapi.forbidden_message(reqapi.Identity("<x>"), "get", "", "", "/apis", False) == (
         'forbidden: User "&lt;x&gt;" cannot get path "/apis"')
 
 
