@@ -586,6 +586,18 @@ def pinned(command: list, cpu: Optional[int]) -> tuple:
     return command, lambda: os.sched_setaffinity(0, {cpu})
 
 
+def start_loadgen(params: dict, cpu: Optional[int]) -> subprocess.Popen:
+    """The standard-library load generator in a child process (on `cpu`), connected and waiting:
+    write "go" to its stdin to start the run; its result is the last line of its stdout."""
+    command, preexec = pinned([sys.executable, str(Path(__file__).resolve()), "--loadgen", json.dumps(params)], cpu)
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=preexec)
+    if child.stdout.readline().strip() != "ready":
+        child.wait()
+        raise BenchError(f"the load generator failed to start:\n{child.stderr.read()}")
+    return child
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -773,13 +785,7 @@ class Runner:
         else:
             params = {"port": self.server.port, "path": path, "headers": headers, "connections": connections,
                       "duration": duration, "cafile": str(self.ca), "timeout": REQUEST_TIMEOUT}
-            command, preexec = pinned([sys.executable, str(Path(__file__).resolve()), "--loadgen",
-                                       json.dumps(params)], self.gen_cpu)
-            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
-            if child.stdout.readline().strip() != "ready":
-                child.wait()
-                raise BenchError(f"the load generator failed to start:\n{child.stderr.read()}")
+            child = start_loadgen(params, self.gen_cpu)
             before = self.snapshot()
             child.stdin.write("go\n")
             child.stdin.flush()
@@ -1008,11 +1014,7 @@ def through_apiserver(args: argparse.Namespace) -> int:
             for name, target in targets.items():
                 params = {**target, "path": path, "headers": {}, "connections": connections,
                           "duration": args.duration, "timeout": REQUEST_TIMEOUT}
-                child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--loadgen",
-                                          json.dumps(params)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
-                if child.stdout.readline().strip() != "ready":
-                    raise BenchError(f"the load generator failed to start:\n{child.stderr.read()}")
+                child = start_loadgen(params, None)
                 child.stdin.write("go\n")
                 child.stdin.flush()
                 stdout, stderr = child.communicate(timeout=args.duration + 60)

@@ -37,6 +37,13 @@ AGGREGATED_ACCEPT = ("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDis
                      "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json")
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now, for a program that cannot be told to pick its own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll a condition until it holds or the deadline passes (returns the last value)."""
     deadline = time.monotonic() + timeout

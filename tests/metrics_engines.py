@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import pytest
+
+from conftest import free_port, wait_until
 
 REQUIRE_VARIABLE = "REQAPI_REQUIRE_METRICS_ENGINES"
 PROMETHEUS, PROMTOOL, VICTORIA = "prometheus", "promtool", "victoria-metrics"
@@ -43,22 +44,15 @@ def require(*binaries: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def poll(predicate: Callable[[], bool], what: str, timeout_s: float = START_TIMEOUT_S,
          process: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    """Wait until `predicate()` holds; fail with the process's log if it exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
+    """conftest's wait_until for `predicate()`; fail with the process's log if it exits or time runs out."""
+    def ready() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {process.returncode}\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout_s:g} s\n{_tail(log)}")
-        time.sleep(0.05)      # a polling interval, not a synchronisation
+        return predicate()
+    if not wait_until(ready, timeout_s, 0.05):
+        raise RuntimeError(f"{what}: not within {timeout_s:g} s\n{_tail(log)}")
 
 
 def _tail(log: Path | None) -> str:

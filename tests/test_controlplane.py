@@ -620,8 +620,7 @@ def test_a_rolling_restart_of_two_replicas_loses_no_request(installed):
             pod = installed.pods[address]
             pod.signal(signal.SIGTERM)
             assert pod.process.wait(timeout=60) == 0
-            installed.pods.pop(address)
-            pod.stop()
+            installed.stop_pod(address)
             # Its replacement becomes ready, then joins the slice.
             installed.start_pod(name, address)
             installed.publish({**installed.endpoints, address: (True, False)})

@@ -34,12 +34,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -47,7 +45,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))             # tests/: conftest's Server is the one way to start reqapi
-from conftest import ROOT, Answer, Server, write_rules  # noqa: E402
+from conftest import ROOT, Answer, Server, free_port, wait_until, write_rules  # noqa: E402
 BUILD_SCRIPT = HERE / "build.sh"
 
 # Where a test run's veth pairs come from. Each run takes one /29 of 198.18.0.0/15 chosen by its
@@ -101,23 +99,13 @@ def build(progress: Callable[[str], None] = lambda line: None) -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
              details: Callable[[], str] = lambda: "") -> Any:
-    """Poll until predicate() is truthy; fail with what and details() otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{details()}")
-        time.sleep(interval)
+    """conftest's wait_until, failing with what and details() when the time runs out."""
+    value = wait_until(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{details()}")
+    return value
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -314,8 +302,8 @@ class ControlPlane:
 
     # -- clients -----------------------------------------------------------------------------------
 
-    def url(self, host: str = "127.0.0.1") -> str:
-        return f"https://{host}:{self.port}"
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
 
     def kubeconfig(self, name: str, user: dict[str, str]) -> Path:
         path = self.directory / f"{name}.kubeconfig"
@@ -327,17 +315,21 @@ class ControlPlane:
             "contexts": [{"name": name, "context": {"cluster": "test", "user": name, "namespace": "default"}}]}))
         return path
 
-    def kubectl(self, *args: str, kubeconfig: Optional[Path] = None, input: Optional[str] = None,
-                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """The built kubectl, with a fresh --cache-dir every time (nothing remembered between calls)."""
+    def kubectl_command(self, args: tuple[str, ...], kubeconfig: Optional[Path]) -> tuple[list[str], dict[str, str]]:
+        """The built kubectl's argv and environment, with a fresh --cache-dir every time (nothing
+        remembered between calls) and the admin's kubeconfig unless another is given."""
         self.kubectl_runs += 1
         cache = self.directory / "kubectl-cache" / str(self.kubectl_runs)
         home = self.directory / "kubectl-home"
         home.mkdir(exist_ok=True)
         config = kubeconfig or self.admin_kubeconfig
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "KUBECONFIG": str(config)}
-        result = subprocess.run([str(self.bin_dir / "kubectl"), "--kubeconfig", str(config), "--cache-dir", str(cache),
-                                 *args], input=input, capture_output=True, text=True, timeout=timeout, env=env)
+        return ([str(self.bin_dir / "kubectl"), "--kubeconfig", str(config), "--cache-dir", str(cache), *args],
+                {"PATH": os.environ.get("PATH", ""), "HOME": str(home)})
+
+    def kubectl(self, *args: str, kubeconfig: Optional[Path] = None, input: Optional[str] = None,
+                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        argv, env = self.kubectl_command(args, kubeconfig)
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout}\n"
                                  f"stderr:\n{result.stderr}")
@@ -345,36 +337,20 @@ class ControlPlane:
 
     def kubectl_process(self, *args: str, kubeconfig: Optional[Path] = None) -> subprocess.Popen:
         """A long-running kubectl (e.g. --watch), stdout as lines."""
-        self.kubectl_runs += 1
-        cache = self.directory / "kubectl-cache" / str(self.kubectl_runs)
-        config = kubeconfig or self.admin_kubeconfig
-        return subprocess.Popen([str(self.bin_dir / "kubectl"), "--kubeconfig", str(config), "--cache-dir", str(cache),
-                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={"PATH": os.environ.get("PATH", ""), "HOME": str(self.directory / "kubectl-home")})
+        argv, env = self.kubectl_command(args, kubeconfig)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-    def context(self, client_cert: Optional[tuple[Path, Path]] = None) -> ssl.SSLContext:
+    def connection(self, timeout: float = 30) -> http.client.HTTPSConnection:
+        """A keep-alive connection to kube-apiserver as the admin."""
         context = ssl.create_default_context(cafile=str(self.pki.ca_file))
-        if client_cert:
-            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
-        return context
+        context.load_cert_chain(str(self.pki.admin[0]), str(self.pki.admin[1]))
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=context)
 
-    def connection(self, token: Optional[str] = None, timeout: float = 30) -> http.client.HTTPSConnection:
-        """A keep-alive connection to kube-apiserver as the admin (or as the bearer of token)."""
-        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
-                                           context=self.context(None if token else self.pki.admin))
-
-    def get(self, path: str, headers: Optional[dict[str, str]] = None, token: Optional[str] = None,
-            method: str = "GET", body: Any = None, timeout: float = 30) -> Answer:
-        connection = self.connection(token, timeout)
+    def get(self, path: str, headers: Optional[dict[str, str]] = None, timeout: float = 30) -> Answer:
+        """GET as the admin."""
+        connection = self.connection(timeout)
         try:
-            all_headers = dict(headers or {})
-            if token:
-                all_headers["Authorization"] = f"Bearer {token}"
-            data = None
-            if body is not None:
-                data = json.dumps(body).encode()
-                all_headers.setdefault("Content-Type", "application/json")
-            connection.request(method, path, body=data, headers=all_headers)
+            connection.request("GET", path, headers=headers or {})
             response = connection.getresponse()
             return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
         finally:
