@@ -3409,7 +3409,9 @@ class Api:
             return cached[1]
         body = requests_object_json(namespace, name, generation.prediction(namespace, name),
                                     generation.resource_version, now)
-        if len(self._objects) >= MEMO_LIMIT:      # emptied when full, as remember() does
+        # Emptied when full, as remember() does; written out here because calling remember()
+        # (section 6) would add a section crossing to every first GET of a name (test_layers).
+        if len(self._objects) >= MEMO_LIMIT:
             self._objects.clear()
         self._objects[key] = (now, body)
         return body
