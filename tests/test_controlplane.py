@@ -494,12 +494,15 @@ def test_a_serving_certificate_without_the_service_name(installed, tmp_path):
     installed.stop_pod(address)
     try:
         installed.start_pod("wrong-name", address, certs=wrong)
-        condition = installed.wait_available("False")
+        # While the pods were swapped the probe may have found nobody listening ("connection
+        # refused"): wait for the condition about this certificate, not for the first False.
+        expected = ("tls: failed to verify certificate: x509: certificate is valid for requests-apiserver, "
+                    "requests-apiserver.default, requests-apiserver.default.svc, "
+                    "requests-apiserver.default.svc.cluster.local, not requests-apiserver-service.default.svc")
+        condition = wait_for(lambda: (c := installed.plane.apiservice_condition(APISERVICE)) and
+                             c["status"] == "False" and c["message"].endswith(expected) and c,
+                             90, "Available=False naming the certificate", interval=0.25, details=installed.logs)
         assert condition["reason"] == "FailedDiscoveryCheck"
-        assert condition["message"].endswith(
-            "tls: failed to verify certificate: x509: certificate is valid for requests-apiserver, "
-            "requests-apiserver.default, requests-apiserver.default.svc, "
-            "requests-apiserver.default.svc.cluster.local, not requests-apiserver-service.default.svc")
     finally:
         installed.stop_pod(address)
         installed.start_pod("a", address)
