@@ -258,7 +258,7 @@ class CrossingTrace:
         self.lock = threading.Lock()
 
     def __call__(self, frame, event: str, arg) -> None:
-        if event != "call" or threading.current_thread().name.startswith(("acceptor", "reaper", "reloader")):
+        if event != "call" or threading.current_thread().name.startswith("reloader"):
             return
         section = _section_of_code(frame.f_code)
         if section is None:
@@ -272,10 +272,10 @@ class CrossingTrace:
                                None if caller is None else _section_of_code(caller.f_code)))
 
     def answers(self) -> list[list[tuple[str, int, int]]]:
-        """The calls made while answering each request, split at ConnectionHandler.answer."""
+        """The calls made while answering each request, split at Connection.answer."""
         answers: list[list[tuple[str, int, int]]] = []
         for name, section, caller in self.calls:
-            if name.endswith("ConnectionHandler.answer"):
+            if name.endswith("Connection.answer"):
                 answers.append([])
             elif answers and caller is not None:
                 answers[-1].append((name, section, caller))

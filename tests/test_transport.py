@@ -832,52 +832,120 @@ def test_600_idle_and_half_way_connections_neither_block_new_clients_nor_linger(
     log.assert_clean()
 
 
-def test_connections_over_the_cap_are_closed_at_once_and_new_clients_served_after(start_server):
-    server = start_server("--max-connections", "20", "--tls-handshake-timeout", "10s", "--idle-timeout", "10s")
-    log = LogWatch(server)
-    # The first held connection is a keep-alive HTTPS connection: once /metrics on it shows one open
-    # TLS connection, the readiness probes of start() have been let go and the count is ours alone.
-    first = server.connection(timeout=5)
-    raw: list = []
-    try:
-        def only_this_one_open() -> bool:
-            first.request("GET", "/metrics")
-            response = first.getresponse()
-            return "\nreqapi_connections_open 1\n" in response.read().decode()
+def metric(server: Server, name: str, connection=None) -> int:
+    """A counter or gauge of /metrics, asked on a new connection or on `connection`."""
+    if connection is None:
+        text = server.get("/metrics").text
+    else:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    return int(float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"reqapi_{name} "))))
 
-        assert wait_until(only_this_one_open, timeout=5)
-        for _ in range(24):
-            raw.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
-        held, extra = raw[:19], raw[19:]       # 1 + 19 = 20 held; the listener accepts in order
-        for sock in extra:
-            started = time.monotonic()
-            sock.settimeout(2)
+
+def only_these_open(connection, count: int):
+    """A predicate: /metrics, asked on `connection`, shows `count` open connections (so the
+    readiness probes of start() have been let go and the count is the test's alone)."""
+    def check() -> bool:
+        connection.request("GET", "/metrics")
+        return f"\nreqapi_connections_open {count}\n" in connection.getresponse().read().decode()
+    return check
+
+
+def test_at_the_cap_a_new_client_takes_the_slot_of_the_longest_idle_connection(start_server):
+    """Regression (the cap was a lockout switch): 20 connections that never send a byte filled
+    --max-connections, and every new client — the kubelet's probes included — was turned away."""
+    server = start_server("--max-connections", "20", "--tls-handshake-timeout", "30s", "--idle-timeout", "30s")
+    log = LogWatch(server)
+    first = server.connection(timeout=5)
+    silent: list = []
+    newcomers: list = []
+    try:
+        assert wait_until(only_these_open(first, 1), timeout=5)
+        for _ in range(19):
+            silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        assert wait_until(only_these_open(first, 20), timeout=5), "the 19 silent connections were not all held"
+        # Full.  New clients are served (and stay connected), each taking the slot of the connection
+        # silent longest.
+        for index in range(10):
+            client = server.connection(timeout=5)
+            newcomers.append(client)
+            client.request("GET", "/livez" if index % 2 else GOOD_PATH)
+            assert client.getresponse().status == 200
+        evicted = silent[:10]
+        for sock in evicted:                      # the oldest ten went, in order, at once
+            sock.settimeout(5)
             try:
                 assert sock.recv(1) == b""
             except ConnectionResetError:
                 pass
-            assert time.monotonic() - started < 1.0, "a connection over the cap was not closed at once"
-        selector = selectors.DefaultSelector()
-        for sock in held:
-            selector.register(sock, selectors.EVENT_READ)
-        assert selector.select(timeout=0.2) == [], "a connection under the cap was closed"
-        selector.close()
-        # Still full: a new client is turned away ...
-        with pytest.raises((OSError, ssl.SSLError)):
-            server.get("/livez", timeout=2)
-        # ... until some close.
-        first.close()
-        for sock in held[:5]:
-            sock.close()
-        assert wait_until(lambda: server.try_get("/livez") == 200, timeout=5), "no new client served after closes"
-        metrics = server.get("/metrics").text
-        rejected = int(next(line.split()[1] for line in metrics.splitlines()
-                            if line.startswith("reqapi_connections_rejected_total ")))
-        assert rejected >= len(extra) + 1, metrics
+        assert metric(server, "connections_evicted_total", first) == 10
+        assert metric(server, "connections_rejected_total", first) == 0
+        # The keep-alive connection that asked /metrics was busy each time, never idle longest.
+        first.request("GET", "/livez")
+        assert first.getresponse().read() == b"ok"
+        for sock in silent[10:]:                  # the younger silent ones are still held
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
     finally:
         first.close()
-        for sock in raw:
+        for sock in silent:
             sock.close()
+        for client in newcomers:
+            client.close()
+    log.assert_clean()
+
+
+def test_when_every_slot_has_work_in_progress_a_new_connection_is_closed_at_once(start_server, rules_file):
+    server = start_server("--rules", str(rules_file), "--max-connections", "4", "--max-watches", "4")
+    watches = []
+    try:
+        for _ in range(4):
+            conn = Raw(server, timeout=5)
+            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            assert conn.response(read_body=False).code == 200
+            assert conn.readable_within(5)        # the first event arrived: the watch is open
+            watches.append(conn)
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        try:
+            assert sock.recv(1) == b""            # closed at once, not held until a timeout
+        except ConnectionResetError:
+            pass
+        finally:
+            sock.close()
+        watches.pop().close()                     # one watch ends: its slot is free again
+        assert wait_until(lambda: server.try_get("/livez") == 200, timeout=5)
+        assert metric(server, "connections_rejected_total") >= 1
+    finally:
+        for conn in watches:
+            conn.close()
+
+
+def test_watches_over_their_cap_are_answered_429_with_retry_after(start_server, rules_file):
+    server = start_server("--rules", str(rules_file), "--max-watches", "3")
+    log = LogWatch(server)
+    watches = []
+    try:
+        for _ in range(3):
+            conn = Raw(server, timeout=5)
+            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            assert conn.response(read_body=False).code == 200
+            watches.append(conn)
+        with Raw(server, timeout=5) as conn:
+            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            answer = conn.response()
+            document = assert_status(answer, 429, "TooManyRequests")
+            assert answer.headers["retry-after"] == str(reqapi.RETRY_AFTER_WATCHES)
+            assert document["details"]["retryAfterSeconds"] == reqapi.RETRY_AFTER_WATCHES
+            assert "--max-watches" in document["message"]
+            # The connection stays usable: a GET on it is answered.
+            conn.send(f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            assert conn.response().code == 200
+        assert metric(server, "watches_rejected_total") == 1
+        assert metric(server, "watches_open") == 3
+    finally:
+        for conn in watches:
+            conn.close()
     log.assert_clean()
 
 
