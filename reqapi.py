@@ -2990,6 +2990,8 @@ class Metrics:
                 ("connections_evicted_total", "Idle or half-open connections closed to make room for a new one at "
                                               "--max-connections."),
                 ("watches_rejected_total", "Watches answered 429 because --max-watches were open."),
+                ("slow_readers_cut_total", "Connections closed because the answers they left unread held more "
+                                           "than the transport's queue limit."),
                 ("tls_handshake_failures_total", "Connections whose TLS handshake failed or timed out."))
 
     def __init__(self) -> None:
@@ -3609,6 +3611,10 @@ def build_tls_context(cert_file: str, key_file: str, auth: AuthConfig) -> ssl.SS
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
     context.set_alpn_protocols(["http/1.1"])
+    # A client that closes its side without a TLS close_notify (a bare TCP FIN after its request)
+    # still gets its answer: without this option OpenSSL 3 makes that EOF a fatal error, and the
+    # answer leaves as a decode_error alert instead.
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         context.load_cert_chain(cert_file, key_file)
     except FileNotFoundError as error:
@@ -3653,11 +3659,14 @@ class TransportSettings:
 
 # Flow control.  A connection's output queue may grow to HIGH_WATER bytes before the loop stops
 # taking its next pipelined request; a watch's to WATCH_HIGH_WATER before it stops taking events
-# from its stream (the events wait, unencoded, in the stream; a client that stops reading is cut off
-# at --write-timeout).  So 500 watches whose clients stopped reading hold at most 500 x 64 KiB
-# = 32 MiB, and a pipelining client at most one response beyond HIGH_WATER.
+# from its stream (the events wait, unencoded, in the stream).  A client that stops reading is cut
+# off at --write-timeout, or sooner when all the queues together hold more than QUEUED_LIMIT: then
+# the connections stalled longest are closed until they hold less (a hostile client can pipeline
+# big lists and never read them; nobody else waits because of it).
 HIGH_WATER = 256 * 1024
-WATCH_HIGH_WATER = 64 * 1024
+WATCH_HIGH_WATER = 32 * 1024
+QUEUED_LIMIT = 16 * 1024 * 1024
+SEND_BUFFER = 64 * 1024           # SO_SNDBUF (Linux doubles it: 128 KiB of kernel memory at most)
 READ_SIZE = 65536                 # one recv(): four TLS records at most
 MAX_INBOX = 4 * MAX_HEAD_BYTES    # unparsed bytes read ahead of the request being answered
 LINGER_SECONDS = 1.0
@@ -4088,6 +4097,7 @@ class Connection:
         if data:
             self.outbox.append(data)
             self.outbox_bytes += len(data)
+            self.server.queue(len(data))
 
     def flush(self) -> None:
         """Write what the client can take now; a watch then takes more events, a few rounds at most
@@ -4157,6 +4167,7 @@ class Connection:
             self.frozen = False
             outbox.popleft()
             self.outbox_bytes -= len(data)
+            self.server.queue(-len(data))
             self.write_deadline = math.inf   # progress: --write-timeout counts from the next stall
         return True
 
@@ -4210,6 +4221,7 @@ class Connection:
                     sock.close()
                 except OSError:
                     pass
+        self.server.queue(-self.outbox_bytes)
         self.outbox.clear()
         self.outbox_bytes = 0
         self.inbox = bytearray()
@@ -4259,6 +4271,7 @@ class ReqapiServer(socketserver.TCPServer):
         self.connections: dict[int, Connection] = {}
         self.watches: set[Connection] = set()
         self.busy = 0                      # requests handed to a worker and not yet answered
+        self.queued = 0                    # bytes waiting in every connection's outbox
         self.accepted = 0                  # len(connections), for other threads to read
         self.accepting = True
         # Whether a request may wait on the network (read once: a plain attribute on the hot path).
@@ -4352,6 +4365,8 @@ class ReqapiServer(socketserver.TCPServer):
                         conn.ready(events)
                 for _ in range(len(self._handed)):      # work handed during this turn waits for the next
                     self._handed.popleft()()
+                if self.queued > QUEUED_LIMIT:
+                    self._cut_slow_readers()
                 if history.current is not self._generation or history.closed:
                     self._generation = history.current
                     self._resume_watches()
@@ -4405,6 +4420,9 @@ class ReqapiServer(socketserver.TCPServer):
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # The kernel's send buffer grows to 4 MiB a socket by default, and a cgroup is charged
+                # for it: a client that stops reading must not park megabytes there either.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
                 # TCP keep-alive finds peers that vanished without a FIN (a watch writes nothing for long).
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
@@ -4430,6 +4448,21 @@ class ReqapiServer(socketserver.TCPServer):
         self.metrics.increment("connections_evicted_total")
         oldest.close()
         return True
+
+    def queue(self, size: int) -> None:
+        """Bytes queued in an outbox (or, negative, written or dropped)."""
+        self.queued += size
+
+    def _cut_slow_readers(self) -> None:
+        """Over QUEUED_LIMIT: close the connections whose writes have stalled longest until the
+        queues hold less.  Connections whose clients keep reading are left alone."""
+        stalled = sorted((conn for conn in self.connections.values() if conn.write_deadline < math.inf),
+                         key=lambda conn: conn.write_deadline)
+        for conn in stalled:
+            if self.queued <= QUEUED_LIMIT:
+                break
+            self.metrics.increment("slow_readers_cut_total")
+            conn.close()
 
     def forget(self, conn: Connection) -> None:
         """A connection closed: out of the registry."""

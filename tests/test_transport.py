@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
 import resource
 import selectors
@@ -35,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reqapi
-from conftest import GV, Server, wait_until
+from conftest import GV, Server, wait_until, write_rules
 from test_http_messages import assert_status_document, request_heads
 
 GOOD_PATH = f"{GV}/namespaces/default/requests/web"
@@ -1049,3 +1050,187 @@ def test_a_websocket_watch_without_origin_is_refused_with_a_status(server):
                                     timeout=10)
     assert refused.value.status_code == 403
     assert_status_document(json.loads(refused.value.resp_body), 403)
+
+
+# ---------------------------------------------------------------------------
+# The event loop: slow readers, split TLS records, half-closed clients, deep pipelines
+# ---------------------------------------------------------------------------
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def many_workloads(count: int) -> dict:
+    """Rules naming `count` workloads exactly: a watch's initial events are ~400 bytes each."""
+    return {"defaults": {"cpu": "100m", "memory": "100Mi"},
+            "rules": [{"id": f"w{index}", "namespace": "load", "name": f"workload-{index:05d}", "cpu": "1"}
+                      for index in range(count)]}
+
+
+def test_watches_whose_clients_stop_reading_hold_little_memory_and_stall_nobody(start_server, tmp_path):
+    """20 watches of 10,000 workloads each (~4 MB of initial events apiece, 80 MB if queued whole)
+    whose clients never read: the server queues at most its high water per watch, keeps answering
+    others, and cuts the stalled clients off at --write-timeout."""
+    rules = write_rules(tmp_path / "many.json", many_workloads(10_000))
+    server = start_server("--rules", str(rules), "--write-timeout", "3s")
+    log = LogWatch(server)
+    pid = server.process.pid
+    assert server.get(f"{GV}/requests?limit=1").status == 200     # the generation's memo is warm
+    before = rss_bytes(pid)
+    stalled = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a small window: the server must wait
+            tls = server.certs.client_context().wrap_socket(sock, server_hostname="localhost")
+            tls.sendall(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            stalled.append(tls)
+        assert wait_until(lambda: metric(server, "watches_open") == 20, timeout=10)
+        # Others are served meanwhile: GETs, a list of all 10,000, and a watch that reads.
+        assert server.get(GOOD_PATH, timeout=5).status == 200
+        assert len(server.get(f"{GV}/requests", timeout=10).json()["items"]) == 10_000
+        grown = rss_bytes(pid) - before
+        print(f"RSS grew {grown / 2**20:.1f} MiB with 20 stalled watches of ~4 MB each")
+        assert grown < 30 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB: the stalled watches' events were queued whole"
+        # The stalled clients are cut off at the write timeout.
+        assert wait_until(lambda: metric(server, "watches_open") == 0, timeout=15)
+    finally:
+        for tls in stalled:
+            tls.close()
+    log.assert_clean()
+
+
+class SplitRecords:
+    """A TLS client over a raw socket (ssl.MemoryBIO), so that the test decides how the bytes of
+    each TLS record are cut into TCP writes."""
+
+    def __init__(self, server: Server):
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = server.certs.client_context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def send_in_pieces(self, piece: int) -> None:
+        data = self.outgoing.read()
+        for start in range(0, len(data), piece):
+            self.sock.sendall(data[start:start + piece])
+
+    def receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            self.incoming.write_eof()
+        self.incoming.write(data)
+
+    def handshake(self, piece: int) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                self.send_in_pieces(piece)
+                return
+            except ssl.SSLWantReadError:
+                self.send_in_pieces(piece)
+                self.receive()
+
+    def read_answer(self) -> bytes:
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"Content-Length: (\d+)", answer).group(1) if b"Content-Length" in answer else 0):
+            try:
+                answer += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self.receive()
+        return answer
+
+
+def test_tls_records_split_across_many_reads_are_put_together(server, clean_log):
+    client = SplitRecords(server)
+    try:
+        client.handshake(piece=7)                   # the ClientHello and Finished in 7-byte writes
+        head = f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        client.tls.write(head[:20])                 # two TLS records, cut at a place that is not a line end,
+        client.tls.write(head[20:])
+        client.send_in_pieces(3)                    # sent 3 bytes at a time
+        answer = client.read_answer()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["metadata"]["name"] == "web"
+    finally:
+        client.sock.close()
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["tls-close-notify-and-fin", "fin-only"])
+def test_a_client_that_sends_its_request_then_closes_its_side_gets_the_answer(server, clean_log, close_notify):
+    client = SplitRecords(server)
+    try:
+        client.handshake(piece=65536)
+        client.tls.write(f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        if close_notify:
+            with pytest.raises(ssl.SSLWantReadError):
+                client.tls.unwrap()               # TLS close_notify: "I send nothing more"
+        client.send_in_pieces(65536)
+        client.sock.shutdown(socket.SHUT_WR)      # and the TCP FIN
+        answer = b""
+        while True:
+            try:
+                answer += client.tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = client.sock.recv(65536)
+                if not data:
+                    break
+                client.incoming.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:300]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["metadata"]["name"] == "web"
+    finally:
+        client.sock.close()
+
+
+def test_10000_pipelined_requests_in_one_write_are_answered_in_order(server, clean_log):
+    count = 10_000
+    payload = b"".join(f"GET {GV}/namespaces/pipe/requests/w-{index} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+                       for index in range(count))
+    client = SplitRecords(server)
+    try:
+        client.handshake(piece=65536)
+        client.tls.write(payload)                   # one write of ~700 KB (TLS records of 16 KB)
+        ciphertext = client.outgoing.read()
+        # The server stops reading while its answers wait to be read: send and read side by side,
+        # in this one thread (an SSL object must not be used by two threads at once).
+        client.sock.setblocking(False)
+        received = bytearray()
+        names: list = []
+        deadline = time.monotonic() + 60
+        with selectors.DefaultSelector() as selector:
+            selector.register(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while len(names) < count and time.monotonic() < deadline:
+                for _, events in selector.select(1.0):
+                    if events & selectors.EVENT_WRITE and ciphertext:
+                        try:
+                            ciphertext = ciphertext[client.sock.send(ciphertext[:262144]):]
+                        except BlockingIOError:
+                            pass
+                        if not ciphertext:
+                            selector.modify(client.sock, selectors.EVENT_READ)
+                    if events & selectors.EVENT_READ:
+                        data = client.sock.recv(262144)
+                        assert data, f"closed after {len(names)} answers"
+                        client.incoming.write(data)
+                        while True:
+                            try:
+                                received += client.tls.read(262144)
+                            except ssl.SSLWantReadError:
+                                break
+                while True:                         # whole answers: head, then Content-Length bytes
+                    end = received.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    length = int(re.search(rb"Content-Length: (\d+)", received[:end]).group(1))
+                    if len(received) < end + 4 + length:
+                        break
+                    assert received.startswith(b"HTTP/1.1 200 "), bytes(received[:200])
+                    names.append(json.loads(received[end + 4:end + 4 + length])["metadata"]["name"])
+                    del received[:end + 4 + length]
+    finally:
+        client.sock.close()
+    assert names == [f"w-{index}" for index in range(count)]
