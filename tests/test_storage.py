@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 
 import pytest
@@ -118,3 +120,46 @@ def test_a_watch_from_a_known_resource_version_replays_the_difference():
                if change is not None]
     assert [(change.type, change.key) for change in changes] == [
         ("DELETED", ("default", "nightly-report")), ("MODIFIED", ("shop", "search"))]
+
+
+def many_named(count: int, cpu: str) -> dict:
+    return {"defaults": {"cpu": "100m", "memory": "100Mi"},
+            "rules": [{"id": f"w{index}", "namespace": "load", "name": f"w-{index:04d}", "cpu": cpu}
+                      for index in range(count)]}
+
+
+def test_many_watches_share_one_selection_one_difference_and_one_encoding_of_a_change(monkeypatch, tmp_path):
+    """Regression: each open watch selected, compared and encoded a big rules change on its own
+    (500 watches x 10,000 workloads blocked the server).  Now a change is worked out once."""
+    history = reqapi.RulesHistory(rules(many_named(300, "1")))
+    storage = reqapi.RequestsStorage(history)
+    fd = os.open(os.devnull, os.O_WRONLY)
+    access, metrics = reqapi.Access(reqapi.AlwaysAllow()), reqapi.Metrics()
+    api = reqapi.Api(storage, access, reqapi.Health(history, access, metrics), metrics, reqapi.Logger(fd=fd), 300)
+    monkeypatch.setattr(reqapi.time, "time", lambda: 1_800_000_000.0)     # one second for every encoding
+    options = list_options(namespace="load", watch=True, resource_version=history.current.resource_version)
+    streams = [api.watch(options).events for _ in range(20)]
+    assert all(next(stream) is None for stream in streams)                 # nothing new: all caught up
+    calls = {"select": 0, "differences": 0, "encode": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    history.install(rules(many_named(300, "2")))                            # 300 MODIFIED
+    monkeypatch.setattr(reqapi.Generation, "_select", counting("select", reqapi.Generation._select))
+    monkeypatch.setattr(reqapi, "_differences", counting("differences", reqapi._differences))
+    monkeypatch.setattr(reqapi, "requests_object", counting("encode", reqapi.requests_object))
+    seen = []
+    for stream in streams:
+        events = []
+        for event in stream:
+            if event is None:
+                break
+            events.append(json.loads(event))
+        seen.append(events)
+    assert all(len(events) == 300 and events == seen[0] for events in seen)
+    assert seen[0][0]["type"] == "MODIFIED" and seen[0][0]["object"]["resources"]["cpu"] == "2"
+    assert calls == {"select": 1, "differences": 1, "encode": 300}, calls
