@@ -4364,10 +4364,6 @@ class ReqapiServer(socketserver.TCPServer):
     def stop_accepting(self) -> None:
         self.hand(self._stop_accepting)
 
-    def close_idle_connections(self) -> None:
-        """Close connections waiting for a next request (the last step of a drain that ran out of time)."""
-        self.hand(lambda: [conn.close() for conn in list(self.connections.values()) if conn.evictable])
-
     def wait_until_drained(self, timeout: float) -> bool:
         return self._drained.wait(timeout)
 
@@ -4982,19 +4978,19 @@ class Runtime:
         # Idle keep-alive connections notice the drain within a second and close themselves (after one
         # short last wait for a request already on its way); busy ones answer with Connection: close.
         drained = self.server.wait_until_drained(config.shutdown_timeout)
-        if not drained:
-            self.server.close_idle_connections()
+        open_connections = self.server.accepted
+        self.server.stop()                  # the loop ends; what is still open is closed
         log.log("info", "stopped" if drained else "stopped with connections still open after --shutdown-timeout",
-                open_connections=self.server.accepted)
+                open_connections=open_connections)
         log.flush(deadline=time.monotonic() + 2.0)
         return drained
 
 
 def tune_interpreter() -> None:
-    """Interpreter settings for a long-running server with a thread per connection, each measured."""
-    # With a thread per connection, the default 5 ms GIL switch interval lets handler threads
-    # convoy behind one another (measured: a bimodal 4.5k/18k req/s); 2 ms keeps hand-offs short.
-    sys.setswitchinterval(0.002)
+    """Interpreter settings for a long-running server, each measured."""
+    # The event loop should keep the GIL while it has work: the other threads (the log writer, the
+    # reloader, workers waiting on kube-apiserver) have little to do and can wait their turn.
+    sys.setswitchinterval(0.005)
     # Everything alive now lives as long as the process: keep the cyclic garbage collector from
     # walking it again and again (full collections were a source of p99 latency), and collect the
     # young generation less often — a request's objects are freed by reference counting anyway.

@@ -10,11 +10,13 @@ metav1.Status errors the way kube-apiserver does (its module docstring says exac
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import signal
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -505,3 +507,34 @@ def test_a_refused_ca_reload_keeps_the_old_cas(start_server, pki, tmp_path):
     server.signal(signal.SIGHUP)
     server.wait_for_log("TLS files refused")
     assert server.get(OBJECT, {"X-Remote-User": "alice"}, client_cert=pki.proxy).status == 200
+
+
+def test_while_subject_access_reviews_hang_the_probes_and_other_connections_are_answered(start_server, cluster, pki):
+    """The transport answers a request that needs a SubjectAccessReview in a worker thread: a hung
+    kube-apiserver holds those requests (and only those), never the event loop.  (The fake API
+    server stands in for a hung kube-apiserver here: its decider waits on an event.)"""
+    fake, args, env = cluster
+    release = threading.Event()
+    asked: list = []
+
+    def hung(spec):
+        asked.append(spec["user"])
+        release.wait(60)
+        return {"allowed": True}
+    server = start_server(*args, "--authorization-mode", "Delegated", env=env)
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    fake.sar_decider = hung
+    waiting = 12                                    # more than the transport's workers
+    with concurrent.futures.ThreadPoolExecutor(max_workers=waiting) as pool:
+        answers = [pool.submit(server.get, f"{GV}/namespaces/n{index}/requests/web",
+                               {"X-Remote-User": f"user-{index}"}, pki.proxy, timeout=60) for index in range(waiting)]
+        try:
+            assert wait_until(lambda: len(asked) >= reqapi.ReqapiServer.WORKERS, timeout=15)
+            for path in ("/livez", "/readyz", "/metrics"):
+                assert server.get(path, timeout=10).status == 200
+            metrics = server.get("/metrics").text
+            assert f"\nreqapi_requests_in_flight {waiting}\n" in metrics
+            assert not any(answer.done() for answer in answers)
+        finally:
+            release.set()
+        assert [answer.result().status for answer in answers] == [200] * waiting
