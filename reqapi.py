@@ -4996,6 +4996,19 @@ def tune_interpreter() -> None:
     # young generation less often — a request's objects are freed by reference counting anyway.
     gc.freeze()
     gc.set_threshold(20000, 50, 50)
+    return_free_memory()
+
+
+def return_free_memory() -> None:
+    """Give the memory that start-up or a reload freed back to the system.  Compiling this file
+    (a script is compiled at every start, never read from a .pyc) and building the first rules
+    leave ~10 MB of freed but fragmented heap that glibc keeps; malloc_trim releases it (measured:
+    idle RSS 39 -> 28 MB).  Nothing happens on a C library without malloc_trim (musl)."""
+    try:
+        import ctypes          # here, not at the top: only glibc systems use it, and only now
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run(config: Config, log: Logger, rules: Rules) -> int:

@@ -10,27 +10,14 @@ full and adds nothing.  (How fast the probes are answered is a figure for tests/
 from __future__ import annotations
 
 import random
-import resource
 import socket
 import ssl
 
-import pytest
-
 from conftest import GV, RULES, Server, wait_until, write_rules
-from test_transport import Raw, client_hello, metric, rss_bytes
+from test_transport import Raw, client_hello, enough_file_descriptors, metric, open_watch, rss_bytes  # noqa: F401
 
 MiB = 1024 * 1024
 FLAT = 6 * MiB        # what a second, equal wave may add to RSS (allocator noise, not the flood)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def enough_file_descriptors():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def probes_answer(server: Server) -> None:
@@ -80,9 +67,7 @@ def test_watches_beyond_their_cap_get_429_and_never_lock_out_the_probes(start_se
     def wave() -> list:
         held, refused = [], 0
         for _ in range(150):
-            conn = Raw(server, timeout=10)
-            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-            answer = conn.response(read_body=False)
+            conn, answer = open_watch(server)
             if answer.code == 429:
                 refused += 1
                 conn.close()

@@ -281,14 +281,21 @@ def clean_log(server):
 
 @pytest.fixture(scope="module", autouse=True)
 def enough_file_descriptors():
-    """600 held connections need ~700 descriptors here and as many in the server, which inherits
+    """Hundreds of held connections need as many descriptors here and in the server, which inherits
     this limit (servers are started by the tests, after this module fixture has run)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(8192, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_watch(server: Server, path: str = f"{GV}/requests?watch=1") -> tuple[Raw, RawAnswer]:
+    """A watch on a new connection, and the head of its answer (its events follow on the connection)."""
+    conn = Raw(server, timeout=5)
+    conn.send(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    return conn, conn.response(read_body=False)
 
 
 def exchange(server: Server, payload: bytes, method: str = "GET", timeout: float = 5.0) -> Optional[RawAnswer]:
@@ -902,9 +909,8 @@ def test_when_every_slot_has_work_in_progress_a_new_connection_is_closed_at_once
     watches = []
     try:
         for _ in range(4):
-            conn = Raw(server, timeout=5)
-            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-            assert conn.response(read_body=False).code == 200
+            conn, answer = open_watch(server)
+            assert answer.code == 200
             assert conn.readable_within(5)        # the first event arrived: the watch is open
             watches.append(conn)
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -928,9 +934,8 @@ def test_watches_over_their_cap_are_answered_429_with_retry_after(start_server, 
     watches = []
     try:
         for _ in range(3):
-            conn = Raw(server, timeout=5)
-            conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-            assert conn.response(read_body=False).code == 200
+            conn, answer = open_watch(server)
+            assert answer.code == 200
             watches.append(conn)
         with Raw(server, timeout=5) as conn:
             conn.send(f"GET {GV}/requests?watch=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
