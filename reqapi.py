@@ -64,11 +64,22 @@ the memo answers and 10 the first time a name is asked, every call going downwar
 
 from __future__ import annotations
 
+import signal
+
+# Signals from the first instruction.  A SIGHUP (a rules reload, e.g. from a ConfigMap reloader)
+# that arrives while the rest of this file is imported and the rules are read would otherwise
+# kill the process (SIGHUP's default action), and a SIGTERM would be lost or kill it half-started.
+# They are noted here, and run() acts on them once it can (--check and --predict restore the
+# defaults).  A module-level list, appended to by this handler only and read by run().
+_early_signals: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, lambda signum, frame: _early_signals.append(signum))
+
 import argparse
 import base64
 import binascii
 import bisect
-import concurrent.futures
 import dataclasses
 import difflib
 import email.utils
@@ -80,11 +91,11 @@ import http
 import json
 import math
 import os
+import queue
 import random
 import re
 import select
 import selectors
-import signal
 import socket
 import socketserver
 import ssl
@@ -4321,7 +4332,9 @@ class ReqapiServer(socketserver.TCPServer):
         self.accepting = True
         # Whether a request may wait on the network (read once: a plain attribute on the hot path).
         self.delegated = api.access.may_block
-        self._workers: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # Work for the worker threads; None tells one to end.  (Not a ThreadPoolExecutor: it refuses
+        # new work once the main thread has finished, and `python3 reqapi.py` serves after that.)
+        self._work_queue: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
         self._generation = api.storage.history.current    # the rules the watches have seen
         self._next_sweep = 0.0
         self._sweep_interval = max(0.05, min(0.25, settings.tls_handshake_timeout / 8,
@@ -4392,7 +4405,8 @@ class ReqapiServer(socketserver.TCPServer):
         selector.register(self.socket.fileno(), selectors.EVENT_READ, None)
         selector.register(self._wake_reader.fileno(), selectors.EVENT_READ, self._wake_reader)
         if self.delegated:
-            self._workers = concurrent.futures.ThreadPoolExecutor(self.WORKERS, thread_name_prefix="worker")
+            for index in range(self.WORKERS):
+                threading.Thread(target=self._worker, name=f"worker-{index}", daemon=True).start()
         history = self.api.storage.history
         try:
             while not self._stopped.is_set():
@@ -4403,9 +4417,18 @@ class ReqapiServer(socketserver.TCPServer):
                     elif conn is self._wake_reader:
                         self._woken()
                     else:
-                        conn.ready(events)
+                        try:
+                            conn.ready(events)
+                        except Exception:       # a bug: this connection closes, the others are served
+                            self.log.log("error", "connection handler failed", remote=conn.remote,
+                                         traceback=traceback_text())
+                            conn.close()
                 for _ in range(len(self._handed)):      # work handed during this turn waits for the next
-                    self._handed.popleft()()
+                    work = self._handed.popleft()
+                    try:
+                        work()
+                    except Exception:           # a bug: logged; the loop goes on serving
+                        self.log.log("error", "transport work failed", traceback=traceback_text())
                 if self.queued > QUEUED_LIMIT:
                     self._cut_slow_readers()
                 if history.current is not self._generation or history.closed:
@@ -4418,8 +4441,8 @@ class ReqapiServer(socketserver.TCPServer):
         finally:
             for conn in list(self.connections.values()):
                 conn.close()
-            if self._workers is not None:
-                self._workers.shutdown(wait=False)
+            for _ in range(self.WORKERS if self.delegated else 0):
+                self._work_queue.put(None)
             selector.close()
 
     def _woken(self) -> None:
@@ -4431,6 +4454,10 @@ class ReqapiServer(socketserver.TCPServer):
 
     def _stop_accepting(self) -> None:
         if self.accepting:
+            # Take what already waits in the backlog first: those clients finished their TCP
+            # handshake and will send a request, which closing the listener would reset.
+            while len(self.connections) < self.settings.max_connections and self._accept():
+                pass
             self.accepting = False
             self.selector.unregister(self.socket.fileno())
             self.socket.close()
@@ -4440,18 +4467,18 @@ class ReqapiServer(socketserver.TCPServer):
         if not self.accepting and not self.connections:
             self._drained.set()
 
-    def _accept(self) -> None:
-        """Take the connections waiting in the backlog (64 at most per turn)."""
+    def _accept(self) -> bool:
+        """Take the connections waiting in the backlog (64 at most per turn).  False once it is empty."""
         now = time.monotonic()
         for _ in range(64):
             try:
                 sock, address = self.get_request()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as error:          # EMFILE, ENFILE, ENOBUFS: try again at the next turn
                 self.log.log("warning", "accept failed", error=str(error))
                 self.metrics.increment("connections_rejected_total")
-                return
+                return False
             if len(self.connections) >= self.settings.max_connections and not self._evict():
                 # Full of connections with work in progress: close the new one at once rather than
                 # grow memory without bound.
@@ -4476,6 +4503,7 @@ class ReqapiServer(socketserver.TCPServer):
             self.connections[conn.fd] = conn
             self.accepted = len(self.connections)
             conn.want(selectors.EVENT_READ)
+        return True
 
     def _evict(self) -> bool:
         """Make room for a new connection by closing the one that has waited longest without work
@@ -4525,7 +4553,14 @@ class ReqapiServer(socketserver.TCPServer):
 
     def answer_in_worker(self, conn: Connection, request: Request, close: bool, started: float) -> None:
         self.busy += 1
-        self._workers.submit(self._work, conn, request, close, started)
+        self._work_queue.put(functools.partial(self._work, conn, request, close, started))
+
+    def _worker(self) -> None:
+        while True:
+            work = self._work_queue.get()
+            if work is None:
+                return
+            work()
 
     def _work(self, conn: Connection, request: Request, close: bool, started: float) -> None:
         # In a worker thread: only Api.handle runs here; the Connection is touched in the loop alone.
@@ -4547,7 +4582,12 @@ class ReqapiServer(socketserver.TCPServer):
             self._stop_accepting()
         for conn in list(self.connections.values()):
             if conn.write_deadline <= now or conn.deadline <= now:
-                conn.expire(now)
+                try:
+                    conn.expire(now)
+                except Exception:               # a bug: this connection closes, the others are served
+                    self.log.log("error", "connection handler failed", remote=conn.remote,
+                                 traceback=traceback_text())
+                    conn.close()
             elif draining and conn.phase == IDLE and not conn.outbox and now - conn.idle_since > 0.5:
                 conn.close()
         if self.watches:
@@ -5011,14 +5051,20 @@ def return_free_memory() -> None:
         pass
 
 
-def run(config: Config, log: Logger, rules: Rules) -> int:
+def run(config: Config, log: Logger, rules: Rules, after_script: bool = False) -> int:
     """Serve until SIGTERM or SIGINT, then drain.  SIGHUP re-reads the files at once; a second
-    SIGTERM exits at once.  Returns the exit code."""
+    SIGTERM exits at once.  Returns the exit code.
+
+    after_script (python3 reqapi.py): start serving, then return at once, while a thread named
+    "serve" waits for the signal and drains.  The script then ends, and CPython frees the syntax
+    tree of this file, which it keeps until a script's last statement has run (measured: 12 MB,
+    a third of the idle RSS); the interpreter waits for the "serve" thread before it exits, and
+    runs the signal handlers in the main thread meanwhile."""
     runtime = Runtime(config, log, rules)
     stop = threading.Event()
-    # Signals must reach the main thread, which is the one blocked in stop.wait() below: a signal
-    # taken by another thread only sets a flag, and the main thread would not see it until its wait
-    # ended.  So every thread started from here on inherits a mask that blocks them.
+    # Signals must reach the main thread, which runs the handlers: a signal taken by another thread
+    # only sets a flag, and the main thread might not look at it for long.  So every thread started
+    # from here on inherits a mask that blocks them.
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     log.start_background_writer()
@@ -5035,14 +5081,26 @@ def run(config: Config, log: Logger, rules: Rules) -> int:
     def reload(signum: int, frame: Any) -> None:
         runtime.reloader.wake.set()
 
+    def serve() -> None:
+        if not stop.wait(1.0) and after_script:
+            return_free_memory()        # the script has ended by now: its syntax tree is freed
+        while not stop.wait(1.0):       # short waits: in the main thread, signal handlers run between them
+            pass
+        runtime.drain()
+
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGHUP, reload)
     runtime.start()
+    for signum in _early_signals:       # those that came during start-up, in order
+        (reload if signum == signal.SIGHUP else terminate)(signum, None)
+        log.log("info", "a signal that came during start-up is handled now", signal=signal.Signals(signum).name)
+    if after_script:
+        threading.Thread(target=serve, name="serve").start()   # not a daemon: the interpreter waits for it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        return 0
     signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-    while not stop.wait(1.0):           # short waits as well: signal handlers run between them
-        pass
-    runtime.drain()
+    serve()
     return 0
 
 
@@ -5155,8 +5213,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, after_script: bool = False) -> int:
+    """The command line; after_script: called by `python3 reqapi.py` (see run())."""
     args = build_parser().parse_args(argv)
+    if args.check or args.predict:
+        # One-shot commands are interrupted and killed as any command is: the default handlers, and
+        # a signal noted during the import acts now.
+        for signum, default in ((signal.SIGHUP, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
+                                (signal.SIGINT, signal.default_int_handler)):
+            signal.signal(signum, default)
+        for signum in _early_signals:
+            signal.raise_signal(signum)
     log = Logger(args.log_format, args.log_level)
     rules = DEFAULT_RULES
     try:
@@ -5178,7 +5245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   resource_version_of(rules.digest), int(time.time()))
             print(json.dumps(obj, indent=2))
             return 0
-        return run(Config.from_args(args), log, rules)
+        return run(Config.from_args(args), log, rules, after_script)
     except (RulesError, ConfigError) as error:
         # Refused configuration: the message names the file, the place and the fix; exit code 2.
         if args.check or args.predict:
@@ -5189,4 +5256,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(after_script=True))
