@@ -5091,10 +5091,19 @@ def run(config: Config, log: Logger, rules: Rules, after_script: bool = False) -
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGHUP, reload)
+    # Signals that came during start-up: a SIGTERM or SIGINT stops it before anything is served
+    # (nothing to drain, exit 0); a SIGHUP says the files may have changed since they were read,
+    # so the reloader reads them again once it runs.
+    stopping = next((signum for signum in _early_signals if signum != signal.SIGHUP), None)
+    if stopping is not None:
+        log.log("info", f"{signal.Signals(stopping).name} during start-up: stopped before serving")
+        runtime.server.server_close()
+        log.flush(deadline=time.monotonic() + 1.0)
+        return 0
+    if signal.SIGHUP in _early_signals:
+        log.log("info", "SIGHUP during start-up: reading the rules and certificates again before serving")
+        runtime.reloader.wake.set()
     runtime.start()
-    for signum in _early_signals:       # those that came during start-up, in order
-        (reload if signum == signal.SIGHUP else terminate)(signum, None)
-        log.log("info", "a signal that came during start-up is handled now", signal=signal.Signals(signum).name)
     if after_script:
         threading.Thread(target=serve, name="serve").start()   # not a daemon: the interpreter waits for it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)

@@ -327,7 +327,7 @@ def test_a_sighup_during_start_up_is_handled_once_serving_not_fatal(certs, tmp_p
     seen = signal_during_start_up(server, signal.SIGHUP)
     try:
         assert seen == {"before_serving": True, "sent": True}, seen
-        server.wait_for_log("a signal that came during start-up is handled now signal=SIGHUP")
+        server.wait_for_log("SIGHUP during start-up: reading the rules and certificates again before serving")
         assert wait_until(lambda: server.try_get("/livez") == 200, timeout=10)
         assert server.process.poll() is None
     finally:
@@ -340,6 +340,6 @@ def test_a_sigterm_during_start_up_ends_the_process_cleanly(certs, tmp_path):
     seen = signal_during_start_up(server, signal.SIGTERM)
     assert seen == {"before_serving": True, "sent": True}, seen
     assert server.process.wait(timeout=30) == 0
-    assert "a signal that came during start-up is handled now signal=SIGTERM" in server.log()
+    assert "SIGTERM during start-up: stopped before serving" in server.log()
     assert "Traceback" not in server.log()
 
