@@ -33,7 +33,7 @@ import metrics_engines as me              # noqa: E402
 import reqapi                             # noqa: E402
 import test_metrics_engines as tme        # noqa: E402
 import traces                             # noqa: E402
-from conftest import REQAPI, free_port, wait_until, write_rules   # noqa: E402
+from conftest import REQAPI, Kubectl, free_port, wait_until, write_rules   # noqa: E402
 
 GV = "/apis/k8s.wujiuye.com/v1beta1"
 WINDOW = 3                                        # days 2-4 of the written traces
@@ -200,6 +200,9 @@ def test_objects_table_list_and_predict_show_the_history_answers(start_server, e
     server = start_server("--rules", str(rules), "--prometheus-url", engine.url, *HISTORY_FLAGS)
     server.wait_for_log(r"history refreshed .*workloads=5", timeout=60)
     assert wait_until(lambda: server.try_get("/readyz") == 200, timeout=10)
+    # Shadow mode is logged: what history would answer for the rule "trial".
+    server.wait_for_log(r"history shadow namespace=shop name=cache rule=trial serving=100m/100Mi "
+                        r"history=\d+m?/\d+[MG]i source=blend")
     replica = InProcess(engine.url, tmp_path)
     assert replica.refresher.refresh()
     generation = replica.history.current
@@ -225,6 +228,10 @@ def test_objects_table_list_and_predict_show_the_history_answers(start_server, e
     assert len(web["containers"]) == 2 and web["basis"]["container"] in {c["name"] for c in web["containers"]}
     main = next(c for c in web["containers"] if c["name"] == web["basis"]["container"])
     assert main["resources"] == web["resources"]
+    # An HPA scales web on CPU utilisation: CPU keeps the rule's answer, memory follows history.
+    assert web["basis"]["hpaScaled"] == ["cpu"] and web["metadata"]["annotations"]["k8s.wujiuye.com/source"] == "blend"
+    assert all(c["resources"]["cpu"] == "100m" for c in web["containers"])
+    assert web["resources"]["memory"] == web["basis"]["memory"]["clamped"] != "100Mi"
     cache = get_json(server, f"{GV}/namespaces/shop/requests/cache")        # shadow: the rule answers
     assert cache["metadata"]["annotations"]["k8s.wujiuye.com/source"] == "rules"
     assert cache["resources"] == {"cpu": "100m", "memory": "100Mi"} and cache["basis"]["reason"] == "Shadow"
@@ -242,6 +249,15 @@ def test_objects_table_list_and_predict_show_the_history_answers(start_server, e
     assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "CPU", "Memory", "Rule", "Source", "Age"]
     cells = {row["cells"][0]: row["cells"] for row in table["rows"]}
     assert cells["api"][1:5] == [want.cpu, want.memory, "shop-api", "blend"]
+    # The real kubectl: `kubectl get requests -A` shows the history answers and their source.
+    kubectl = Kubectl(server, tmp_path / "kubectl")
+    printed_table = kubectl.run("get", "requests", "-A").stdout.splitlines()
+    print("\n".join(printed_table))
+    assert printed_table[0].split() == ["NAMESPACE", "NAME", "CPU", "MEMORY", "RULE", "SOURCE", "AGE"]
+    assert ["shop", "api", want.cpu, want.memory, "shop-api", "blend"] in [line.split()[:6] for line in printed_table]
+    explained = kubectl.run("explain", "requests.basis").stdout
+    assert "hpaScaled" in explained and "otherKinds" in explained and "confidence" in explained
+    assert "maxClampBelowUsage" in kubectl.run("explain", "requests.basis.cpu").stdout
     openapi = get_json(server, "/openapi/v3/apis/k8s.wujiuye.com/v1beta1")
     assert {"basis", "containers"} <= set(openapi["components"]["schemas"]["com.wujiuye.k8s.v1beta1.Requests"]["properties"])
     metrics = server.get("/metrics").text
@@ -433,7 +449,7 @@ def test_nan_negative_and_huge_values_are_refused_per_pod_day() -> None:
             if needle in params["query"] and not params["query"].startswith("max by (namespace, pod, owner"):
                 return answer
         return empty
-    usage, refused = reqapi.read_workload_day(fetch, 0, reqapi.Selectors(), reqapi.DEFAULT_MAX_SAMPLES)
+    usage, _, refused = reqapi.read_workload_day(fetch, 0, reqapi.Selectors(), reqapi.DEFAULT_MAX_SAMPLES)
     assert refused == 2                                      # the negative and the huge memory peaks
     assert set(usage) == {("ns", "Pod", "ok", "c"), ("ns", "Pod", "nan", "c")}
     nan_day = usage[("ns", "Pod", "nan", "c")]

@@ -38,7 +38,8 @@ def _workloads() -> list[om.Workload]:
     return [
         om.Workload(traces.generate("steady", SEED), "shop", "Deployment", "api"),
         om.Workload(traces.generate("leak", SEED), "shop", "StatefulSet", "cache"),
-        om.Workload(traces.generate("sidecar", SEED), "shop", "Deployment", "web"),
+        # Scaled by an HPA on CPU utilisation: its CPU keeps the rule's answer (tests/test_history.py).
+        om.Workload(traces.generate("sidecar", SEED), "shop", "Deployment", "web", hpa=("cpu",)),
         om.Workload(traces.generate("throttled", SEED), "ops", "DaemonSet", "worker"),
         om.Workload(traces.generate("batch", SEED), "batch", "CronJob", "report"),
         # The same name as the CronJob, another kind: the mapping must keep them apart.
