@@ -107,7 +107,8 @@ class InProcess:
         self.log_path = directory / "refresher.log"
         self.fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self.refresher = reqapi.HistoryRefresher(self.settings, self.history, self.health, self.metrics,
-                                                 reqapi.Logger(fd=self.fd))
+                                                 reqapi.Logger(fd=self.fd),
+                                                 reqapi.prometheus_ssl_context(self.settings))
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -394,6 +395,17 @@ def test_a_hung_engine_delays_readiness_only_until_the_refresh_gives_up_and_neve
     assert "reqapi_history_query_errors 1" in server.get("/metrics").text
 
 
+def test_readiness_waits_no_longer_than_the_warm_up(start_server, hung_engine: str, tmp_path: Path) -> None:
+    rules = write_rules(tmp_path / "rules.json", RULES)
+    server = start_server("--rules", str(rules), "--prometheus-url", hung_engine, *HISTORY_FLAGS,
+                          "--prometheus-timeout", "120s", "--history-warmup", "1s")
+    # The refresh hangs for minutes (2 x 120 s); readiness gives up waiting after the 1 s warm-up.
+    assert wait_until(lambda: server.try_get("/readyz") == 200, timeout=30), server.log()
+    assert "history refresh failed" not in server.log() and "history refreshed" not in server.log()
+    verbose = server.get("/readyz?verbose").text
+    assert "[+]history ok" in verbose and "warn: history: the first refresh is under way" in verbose
+
+
 class _HTMLHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = b"<html><body>Grafana login</body></html>"
@@ -503,3 +515,105 @@ def test_a_snapshot_is_a_pure_function_of_the_completed_days() -> None:
 def dataclasses_replace(obj, **changes):
     import dataclasses
     return dataclasses.replace(obj, **changes)
+
+
+# ---- authentication against a real Prometheus: TLS, a client certificate, basic auth ------------------
+
+def test_tls_client_certificate_and_basic_auth_against_a_real_prometheus(blocks: Path, certs, tmp_path: Path) -> None:
+    """Prometheus's own --web.config.file: a serving certificate, client certificates required from
+    a CA, and a basic-auth user (a bcrypt hash).  reqapi's --prometheus-ca-file,
+    --prometheus-client-cert/-key, --prometheus-username and --prometheus-password-file reach it;
+    a wrong password is the engine's 401, named in the log."""
+    import shutil
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # bcrypt hashes for Prometheus's web config (the crypt module is gone from Python 3.13)
+        crypt = pytest.importorskip("crypt")
+    from conftest import client_ca, client_cert
+    ca, ca_file = client_ca(tmp_path / "clients", "metrics-clients")
+    cert, key = client_cert(ca, tmp_path / "clients", "reqapi")
+    web = tmp_path / "web.yml"
+    web.write_text(json.dumps({
+        "tls_server_config": {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file),
+                              "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(ca_file)},
+        "basic_auth_users": {"reqapi": crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 10))}}))
+    data = tmp_path / "prometheus" / "data"
+    shutil.copytree(blocks, data)
+    (tmp_path / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
+    port = free_port()
+    argv = [me.PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+            "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={web}"]
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    engine = me.Engine("prometheus", f"https://127.0.0.1:{port}", process, log)
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    try:
+        context = certs.client_context((cert, key))
+        import urllib.request
+        import base64
+
+        def ready() -> bool:
+            request = urllib.request.Request(engine.url + "/-/ready", headers={
+                "Authorization": "Basic " + base64.b64encode(b"reqapi:s3cret").decode()})
+            try:
+                with urllib.request.urlopen(request, timeout=2, context=context) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        me.poll(ready, "prometheus with TLS and basic auth", process=process, log=log)
+        auth = dict(ca_file=str(certs.ca_file), cert_file=str(cert), key_file=str(key), username="reqapi",
+                    password_file=str(password))
+        replica = InProcess(engine.url, tmp_path, **auth)
+        assert replica.refresher.refresh(), replica.log()
+        assert replica.refresher.workloads == 5
+        password.write_text("wrong\n")            # read at each query: a rotated Secret takes effect
+        again = InProcess(engine.url, tmp_path, **auth)
+        assert not again.refresher.refresh()
+        assert "HTTP 401 from the metrics engine" in again.log()
+        without_cert = InProcess(engine.url, tmp_path, ca_file=str(certs.ca_file), username="reqapi",
+                                 password_file=str(password))
+        assert not without_cert.refresher.refresh() and "cannot reach the metrics engine" in without_cert.log()
+    finally:
+        engine.stop()
+
+
+class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self) -> None:
+        _RecordingHandler.seen.append({k.lower(): v for k, v in self.headers.items()})
+        body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_bearer_token_file_is_re_read_when_it_changes_and_headers_are_sent(tmp_path: Path) -> None:
+    """TEST DOUBLE: a server recording the request headers - neither real engine here checks a
+    bearer token or a tenant header (a Mimir or a proxy in front of Prometheus does)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    _RecordingHandler.seen = []
+    try:
+        replica = InProcess(f"http://127.0.0.1:{server.server_address[1]}", tmp_path, token_file=str(token),
+                            headers=(("X-Scope-OrgID", "tenant-1"),))
+        assert replica.refresher.refresh()
+        assert {h["authorization"] for h in _RecordingHandler.seen} == {"Bearer first-token"}
+        assert {h["x-scope-orgid"] for h in _RecordingHandler.seen} == {"tenant-1"}
+        token.write_text("second-token-rotated\n")     # a projected token rotates: a new size and mtime
+        _RecordingHandler.seen = []
+        assert replica.refresher.refresh()
+        assert {h["authorization"] for h in _RecordingHandler.seen} == {"Bearer second-token-rotated"}
+    finally:
+        server.shutdown()
