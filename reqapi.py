@@ -4548,9 +4548,11 @@ class HistoryRefresher:
         while not self.stop.is_set():
             try:
                 self.refresh()
-            except Exception:           # never let the refresher die: log, keep the last good history
+            except Exception as error:  # never let the refresher die: log, keep the last good history
                 self.query_errors += 1
                 self.log.log("error", "history refresh failed", traceback=traceback_text())
+                self.health.history_refreshed(f"the last refresh failed with an internal error ({error!r}); "
+                                              f"see reqapi's log")
             self.wake.wait(self.settings.refresh)
             self.wake.clear()
 
