@@ -246,6 +246,10 @@ def test_objects_table_list_and_predict_show_the_history_answers(start_server, e
     listed = get_json(server, f"{GV}/requests")
     names = {(i["metadata"]["namespace"], i["metadata"]["name"]) for i in listed["items"]}
     assert names == HISTORY_WORKLOADS | {("shop", "checkout")}
+    page = get_json(server, f"{GV}/requests?limit=4")          # lists paginate as without history
+    assert len(page["items"]) == 4 and page["metadata"]["remainingItemCount"] == 2
+    rest = get_json(server, f"{GV}/requests?limit=4&continue={page['metadata']['continue']}")
+    assert [i["metadata"]["name"] for i in page["items"] + rest["items"]] == [i["metadata"]["name"] for i in listed["items"]]
     table = get_json(server, f"{GV}/requests", Accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "CPU", "Memory", "Rule", "Source", "Age"]
     cells = {row["cells"][0]: row["cells"] for row in table["rows"]}
@@ -281,6 +285,10 @@ def test_without_prometheus_url_the_object_and_openapi_are_as_before(start_serve
     assert obj["metadata"]["annotations"] == {"k8s.wujiuye.com/rule": "shop-api"}
     openapi = server.get("/openapi/v2").body
     assert openapi == reqapi.dumps(reqapi.openapi_v2_document()) and b"basis" not in openapi
+    page = get_json(server, f"{GV}/requests?limit=4")          # lists paginate as without history
+    assert len(page["items"]) == 4 and page["metadata"]["remainingItemCount"] == 2
+    rest = get_json(server, f"{GV}/requests?limit=4&continue={page['metadata']['continue']}")
+    assert [i["metadata"]["name"] for i in page["items"] + rest["items"]] == [i["metadata"]["name"] for i in listed["items"]]
     table = get_json(server, f"{GV}/requests", Accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert [c["name"] for c in table["columnDefinitions"]] == ["Name", "CPU", "Memory", "Rule", "Age"]
     assert "reqapi_history" not in server.get("/metrics").text
