@@ -6,6 +6,7 @@ connection counts.
     python3 tests/bench.py                 # 10 s per run, routes object,discovery,table, 1/16/256 connections
     python3 tests/bench.py --quick         # 2 s runs
     python3 tests/bench.py --generator python --routes object --connections 16 --json out.json
+    python3 tests/bench.py --history       # usage history: ~2,000 pods against a real Prometheus
 
 Method: the server runs on one core
 (`taskset -c 0`), the load generator and this harness on another (CPU 1); every request is a
@@ -944,6 +945,12 @@ def parse_args(argv: list) -> argparse.Namespace:
                         help="instead: a GET of one object through a real kube-apiserver (built by "
                              "tests/controlplane/build.sh; needs Go, root and the test packages) beside the same "
                              "GET sent to reqapi directly, at the --connections counts (default 1,16)")
+    parser.add_argument("--history", action="store_true",
+                        help="instead: usage history at scale - refresh time, memory and chunking against a real "
+                             "Prometheus (Debian's prometheus/promtool) holding --history-pods pods at one sample a "
+                             "minute, and GET latency with history on and off")
+    parser.add_argument("--history-pods", type=int, default=2000, help="pods for --history (default 2000)")
+    parser.add_argument("--history-days", type=int, default=2, help="completed days for --history (default 2)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen:
@@ -1044,12 +1051,167 @@ def through_apiserver(args: argparse.Namespace) -> int:
             print(f"kept: {workdir}")
 
 
+HISTORY_EPOCH_DAY = 20_000         # 2024-10-04: the history is dated, reqapi reads it with --history-as-of
+HISTORY_PODS_PER_DEPLOYMENT = 5
+
+
+def write_history_day(path: Path, pods: int, day: int) -> int:
+    """One completed day of cAdvisor and kube-state-metrics series as OpenMetrics (one file a day:
+    promtool holds a whole file in memory): per pod one container, CPU counter and working set at
+    one sample a minute, owners every 10 minutes.  Deterministic.  Returns the samples written."""
+    start = (HISTORY_EPOCH_DAY + day) * 86400
+    lines = 0
+    with path.open("w") as out:
+        cadvisor = 'job="kubelet",metrics_path="/metrics/cadvisor",container="app",image="registry.example/app:1"'
+        families = (("container_cpu_usage_seconds", "counter", "container_cpu_usage_seconds_total"),
+                    ("container_memory_working_set_bytes", "gauge", "container_memory_working_set_bytes"))
+        for family, kind, name in families:
+            out.write(f"# TYPE {family} {kind}\n")
+            for p in range(pods):
+                d = p // HISTORY_PODS_PER_DEPLOYMENT
+                head = f'{name}{{{cadvisor},namespace="ns{d % 20}",pod="web{d}-7f9c-{p}"}} '
+                level = 50 + (d * 37) % 900                      # millicores, per deployment
+                memory = (64 + (d * 53) % 1500) * 1048576.0
+                total = day * 1440 * level * 60 / 1000.0
+                rows = []
+                for m in range(1440):
+                    wave = 1.0 + 0.5 * math.sin(2 * math.pi * m / 1440 + p)
+                    if kind == "counter":
+                        total += level * wave * 60 / 1000.0
+                        rows.append(f"{head}{total:.3f} {start + (m + 1) * 60}\n")
+                    else:
+                        rows.append(f"{head}{memory * (0.9 + 0.1 * wave):.0f} {start + (m + 1) * 60}\n")
+                out.writelines(rows)
+                lines += len(rows)
+        ksm = 'job="kube-state-metrics"'
+        out.write("# TYPE kube_pod_owner gauge\n")
+        for p in range(pods):
+            d = p // HISTORY_PODS_PER_DEPLOYMENT
+            head = (f'kube_pod_owner{{{ksm},namespace="ns{d % 20}",pod="web{d}-7f9c-{p}",owner_kind="ReplicaSet",'
+                    f'owner_name="web{d}-7f9c",owner_is_controller="true"}} ')
+            out.writelines(f"{head}1 {start + (m + 1) * 60}\n" for m in range(0, 1440, 10))
+            lines += 144
+        out.write("# TYPE kube_replicaset_owner gauge\n")
+        for d in range(pods // HISTORY_PODS_PER_DEPLOYMENT):
+            head = (f'kube_replicaset_owner{{{ksm},namespace="ns{d % 20}",replicaset="web{d}-7f9c",'
+                    f'owner_kind="Deployment",owner_name="web{d}",owner_is_controller="true"}} ')
+            out.writelines(f"{head}1 {start + (m + 1) * 60}\n" for m in range(0, 1440, 10))
+            lines += 144
+        out.write("# EOF\n")
+    return lines
+
+
+def history_bench(args: argparse.Namespace) -> int:
+    """Usage history at scale against a real Prometheus: the first refresh's time, the server's
+    memory with history, the chunking of the CPU subqueries under a lowered sample limit (the
+    unchunked query is refused, reqapi's chunked refresh succeeds), and GET latency of one object
+    with history on and off (the same generator, connections and duration)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import metrics_engines as me
+    for binary in (me.PROMETHEUS, me.PROMTOOL):
+        if not shutil.which(binary):
+            print(f"bench: {binary} is not installed (apt-get install prometheus)", file=sys.stderr)
+            return 1
+    pods, days = args.history_pods, args.history_days
+    per_day_cpu_query = pods * 2 * 1441                 # what Prometheus holds for one unchunked CPU subquery
+    limit = per_day_cpu_query * 2 // 3                  # lowered: the unchunked subquery must be refused
+    workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-history-"))
+    engine = None
+    servers: list = []
+    try:
+        started = time.perf_counter()
+        files, samples = [], 0
+        for day in range(days):
+            path = workdir / f"day-{day}.om"
+            samples += write_history_day(path, pods, day)
+            files.append(path)
+        size = sum(f.stat().st_size for f in files)
+        written = time.perf_counter() - started
+        seconds = me.backfill(files, workdir / "blocks")
+        for f in files:
+            f.unlink()
+        engine = me.start_prometheus(workdir / "blocks", workdir / "prometheus", max_samples=limit)
+        print(f"history: {pods} pods x {days} days at 60 s: {samples:,} samples, {size / 2**20:.0f} MiB of "
+              f"OpenMetrics written in {written:.1f} s, promtool {seconds:.1f} s; Prometheus "
+              f"--query.max-samples={limit:,} (an unchunked day's CPU subquery holds {per_day_cpu_query:,})")
+        last = HISTORY_EPOCH_DAY + days - 1
+        sel = 'job="kubelet",metrics_path="/metrics/cadvisor",container!="",container!="POD",image!=""'
+        refused = me.instant(engine, f"quantile_over_time(0.95, max by (namespace, pod, container) "
+                                     f"(rate(container_cpu_usage_seconds_total{{{sel}}}[2m]))[1d:1m])",
+                             (last + 1) * 86400)
+        print(f"unchunked CPU subquery: {refused.get('status')}: {refused.get('error', '')[:100]}")
+
+        ca, cert, key = make_certificates(workdir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(ca))
+        as_of = time.strftime("%Y-%m-%d", time.gmtime(last * 86400))
+        history_flags = ["--prometheus-url", engine.url, "--history-as-of", as_of, "--history-window", f"{days}d",
+                         "--prometheus-max-samples", str(limit), "--log-level", "warning"]
+        srv_cpu, gen_cpu, _ = choose_cpus(args.no_pin)
+        rows = []
+        # History on first: after its refresh Prometheus is stopped, so that on this 2-core machine
+        # it takes no CPU from either latency run; then the same runs with history off, and on again.
+        runs = (("history on", history_flags), ("history off", ["--log-level", "warning"]))
+        for name, extra in runs:
+            directory = workdir / name.replace(" ", "-")
+            directory.mkdir()
+            server = Server(directory, cert, key, None, None, extra, srv_cpu)
+            servers.append(server)
+            server.start(context, "/livez")
+            refresh = ""
+            if name == "history on":
+                deadline = time.monotonic() + 1800
+
+                def gauges() -> dict:
+                    text = https_get(context, server.port, "/metrics", {})["body"].decode()
+                    return {k: float(v) for k, v in re.findall(r"^reqapi_(history_\w+) (\S+)$", text, re.M)}
+                while gauges().get("history_last_success_timestamp_seconds", 0) == 0:
+                    if gauges().get("history_query_errors", 0) or time.monotonic() > deadline:
+                        raise BenchError(f"the refresh failed or took over 30 minutes:\n{server.log_tail()}")
+                    time.sleep(0.5)
+                found = gauges()
+                refresh = (f"{found['history_refresh_duration_milliseconds'] / 1000:.1f} s for "
+                           f"{found['history_workloads']:.0f} workloads")
+                print(f"first refresh ({days} days, chunked): {refresh}")
+                engine.stop()
+                engine = None
+            time.sleep(1.0)
+            rss = proc_status(server.process.pid)["VmRSS"] / 1024
+            runner = Runner(server, "python" if args.generator == "auto" and not shutil.which("wrk") else
+                            ("wrk" if args.generator in ("auto", "wrk") else "python"), ca, gen_cpu, srv_cpu, workdir)
+            runner.run("object", 16, min(args.warmup or 1.0, 2.0))
+            run = runner.run("object", 16, args.duration or 10.0)
+            lat = run["latency_s"]
+            rows.append([name, f"{rss:.1f}", f"{run['rps']:,.0f}", fmt_latency(lat.get("p50")),
+                         fmt_latency(lat.get("p99")), fmt_errors(run)])
+            print(f"{name}: RSS {rss:.1f} MB after start{' and refresh' if refresh else ''}; GET object c16 "
+                  f"{run['rps']:,.0f} req/s, p50 {fmt_latency(lat.get('p50'))}, p99 {fmt_latency(lat.get('p99'))}")
+            server.stop()
+        print()
+        print(table(rows, ["server", "RSS MB", "req/s", "p50", "p99", "errors"], "lrrrrr"))
+        return 0
+    except BenchError as error:
+        print(f"\nbench: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers:
+            server.stop()
+        if engine is not None:
+            engine.stop()
+        if args.keep:
+            print(f"kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list) -> int:
     args = parse_args(argv)
     if args.loadgen:
         return loadgen_child(args.loadgen)
     if args.through_apiserver:
         return through_apiserver(args)
+    if args.history:
+        return history_bench(args)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # progress lines show up as runs finish
     if not REQAPI.exists():

@@ -103,7 +103,7 @@ def backfill(openmetrics_files: Iterable[Path], blocks: Path) -> float:
     return time.monotonic() - started
 
 
-def start_prometheus(blocks: Path, workdir: Path, max_samples: int | None = None) -> Engine:
+def start_prometheus(blocks: Path, workdir: Path, max_samples: int | None = None, port: int | None = None) -> Engine:
     """A Prometheus over a copy of backfilled blocks (each instance owns and locks its data dir).
 
     Retention is measured from the newest block, not the wall clock, but the history is years old:
@@ -111,10 +111,11 @@ def start_prometheus(blocks: Path, workdir: Path, max_samples: int | None = None
     the backfilled history (so Prometheus has no self-scrape series either)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
-    shutil.copytree(blocks, data)
+    if not data.exists():          # a restart on the same directory (and port) keeps its data
+        shutil.copytree(blocks, data)
     config = workdir / "prometheus.yml"
     config.write_text("global:\n  scrape_interval: 1m\n")
-    port = free_port()
+    port = port or free_port()
     log = workdir / "prometheus.log"
     argv = [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data}",
             "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}",

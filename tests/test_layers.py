@@ -88,7 +88,7 @@ def used_names(node: ast.AST) -> set[str]:
 
 def test_sections_are_numbered_in_order_and_are_the_docstring_map():
     numbers = [number for _, number, _ in STARTS]
-    assert numbers == list(range(1, 13)), numbers
+    assert numbers == list(range(1, 14)), numbers
     docstring = ast.get_docstring(TREE)
     for _, number, title in STARTS:
         # The map lists each section as " N. Title ..." with the header's title.
@@ -238,7 +238,7 @@ def test_response_bytes_are_made_in_one_place():
     assert encoder_lines, "ResponseEncoder is gone"
     sends = [node for node in ast.walk(TREE) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
              and node.func.attr in ("sendall", "send", "write")]
-    assert {section_at(node.lineno) for node in sends} <= {8, 10}, [node.lineno for node in sends]
+    assert {section_at(node.lineno) for node in sends} <= {8, 11}, [node.lineno for node in sends]
 
 
 # ---------------------------------------------------------------------------------------

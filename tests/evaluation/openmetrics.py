@@ -68,6 +68,7 @@ class Workload:
     namespace: str
     kind: str           # one of KINDS ("Pod": a bare pod without owner)
     name: str
+    hpa: tuple[str, ...] = ()   # resources an HPA (named like the workload) scales it on by utilisation
 
 
 @dataclass(frozen=True)
@@ -282,11 +283,30 @@ def _container_series(w: Workload, span: PodSpan) -> list[_Series]:
     return out
 
 
+def _hpa_series(w: Workload) -> list[_Series]:
+    """kube-state-metrics' HPA series for the whole trace: kube_horizontalpodautoscaler_info names
+    the target, kube_horizontalpodautoscaler_spec_target_metric each resource and target type."""
+    if not w.hpa:
+        return []
+    minutes = [(m, 1.0) for m in range(len(w.trace.containers[0].cpu))]
+    base = {**KSM, "namespace": w.namespace, "horizontalpodautoscaler": w.name}
+    out = [_Series("kube_horizontalpodautoscaler_info", "gauge", "kube_horizontalpodautoscaler_info", {
+        **base, "scaletargetref_api_version": "apps/v1", "scaletargetref_kind": w.kind,
+        "scaletargetref_name": w.name}, minutes)]
+    for resource in w.hpa:
+        out.append(_Series("kube_horizontalpodautoscaler_spec_target_metric", "gauge",
+                           "kube_horizontalpodautoscaler_spec_target_metric",
+                           {**base, "metric_name": resource, "metric_target_type": "utilization"},
+                           [(m, 70.0) for m, _ in minutes]))
+    return out
+
+
 def all_series(workloads: list[Workload]) -> list[_Series]:
     out: list[_Series] = []
     for w in workloads:
         for span in pods(w):
             out += _container_series(w, span)
+        out += _hpa_series(w)
     return out
 
 
