@@ -1403,8 +1403,12 @@ def print_holds(holds: list) -> None:
                        "KB/idle conn", "KB/watch", "threads", "new client ms (med / max)",
                        "/livez ms (med / max)", "still open"], "llrrrrrrrrr"))
     for name, held in holds:
-        if held.get("error"):
-            print(f"  {name}: FAILED: {held['error']}")
+        opening = [f"{name}: opened {held.get('idle_opened', 0)} idle in {held.get('idle_open_s', 0):.1f} s "
+                   f"(each {fmt_ms_spread(held.get('idle_each_ms', []))} ms med / max)"]
+        if held["watches"]:
+            opening.append(f"{held.get('watches_opened', 0)} watches in {held.get('watches_open_s', 0):.1f} s "
+                           f"(each {fmt_ms_spread(held.get('watch_each_ms', []))} ms)")
+        print("  " + ", ".join(opening) + (f"; FAILED: {held['error']}" if held.get("error") else ""))
 
 
 def print_startups(startups: list, targets: tuple) -> None:
