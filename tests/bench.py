@@ -1500,6 +1500,8 @@ def versus_gin(args: argparse.Namespace) -> int:
         rules_path = workdir / "rules.json"
         rules_path.write_text(json.dumps(RULES, indent=2))
         body_file = workdir / "object-body.json"
+        print(f"  certificate : ECDSA P-256 for IP:127.0.0.1 from a throwaway CA ({cert.name}); the same files "
+              f"for every server")
 
         # 1. Start-up and settled RSS, as the image starts reqapi (fresh processes on a quiet machine).
         print(f"\n[1/3] start-up: {args.starts} starts each, exec → first 200 on /livez, then VmRSS once settled")
