@@ -1298,6 +1298,8 @@ def hold_test(server: Server, context: ssl.SSLContext, idle: int, watches: int, 
     pid = server.process.pid
     out: dict = {"idle": idle, "watches": watches}
     socks: list = []
+    all_before, server_before, own_before = task_ticks(), proc_cpu_ticks(pid), sum(os.times()[:2])
+    hold_started = time.perf_counter()
     try:
         out["rss_before_kb"] = settled_rss_kb(pid)
         out["threads_before"] = proc_status(pid)["Threads"]
@@ -1330,6 +1332,10 @@ def hold_test(server: Server, context: ssl.SSLContext, idle: int, watches: int, 
         return out
     finally:
         out.setdefault("held", len(socks))
+        if server.alive():                      # as in Runner.run, over the whole hold
+            foreign = ((task_ticks() - all_before - (proc_cpu_ticks(pid) - server_before)) / CLK_TCK
+                       - (sum(os.times()[:2]) - own_before))
+            out["other_load"] = max(0.0, foreign) / (time.perf_counter() - hold_started)
         for sock in socks:
             try:
                 sock.close()
@@ -1415,10 +1421,11 @@ def print_holds(holds: list) -> None:
                      "-" if per_watch is None else f"{per_watch / 1024:.1f}",
                      f"{held.get('threads_before', '-')} → {held.get('threads_held', '-')}",
                      fmt_ms_spread(held.get("new_client_ms", [])), fmt_ms_spread(held.get("livez_ms", [])),
-                     "-" if "still_open" not in held else f"{held['still_open']}/{held['held']}"])
+                     "-" if "still_open" not in held else f"{held['still_open']}/{held['held']}",
+                     fmt_share(held.get("other_load"))])
     print(table(rows, ["server", "held (idle + watches)", "RSS before MB", "+idle MB", "+watches MB",
                        "KB/idle conn", "KB/watch", "threads", "new client ms (med / max)",
-                       "/livez ms (med / max)", "still open"], "llrrrrrrrrr"))
+                       "/livez ms (med / max)", "still open", "others"], "llrrrrrrrrrr"))
     for name, held in holds:
         opening = [f"{name}: opened {held.get('idle_opened', 0)} idle in {held.get('idle_open_s', 0):.1f} s "
                    f"(each {fmt_ms_spread(held.get('idle_each_ms', []))} ms med / max)"]
@@ -1637,12 +1644,18 @@ def versus_gin(args: argparse.Namespace) -> int:
               "(share of one core) that other processes on this machine used during one of the runs: above a few "
               f"% the figures are disturbed; {results.get('repeated_runs', 0)} runs were done again because "
               f"others exceeded {fmt_share(args.max_others)} (--max-others), the least disturbed attempt kept.")
+        disturbed = [run for run in results["runs"] if run["other_load"] > args.max_others]
+        if disturbed:
+            print(f"WARNING: {len(disturbed)} of the {len(results['runs'])} runs kept were disturbed (others above "
+                  f"{fmt_share(args.max_others)} even after {args.retries} more attempts): other processes shared "
+                  f"these cores, so these figures\nare not comparable with a quiet run's; the ratios to gin (same "
+                  f"rounds) suffer least.")
         print("\n== Held at once (fresh server each; RSS = VmRSS once settled) ==")
         print_holds(holds)
         print(f"KB/idle conn = (+idle - before) ÷ {args.idle_connections}; KB/watch = (+watches - +idle) ÷ "
               f"{args.watches}; new client = connect + TLS handshake + GET of the object on a new connection, "
               f"{args.probes} times,\nwith everything held; still open = held connections the server had not "
-              f"closed at the end.")
+              f"closed at the end; others = as above, over the whole hold.")
         print(f"\n== Start-up as the image starts it (median of {args.starts}; Dockerfile ENTRYPOINT and ENV, "
               "the Deployment's --cert/--key/--rules/--port) ==")
         print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
