@@ -6,6 +6,7 @@ connection counts.
     python3 tests/bench.py                 # 10 s per run, routes object,discovery,table, 1/16/256 connections
     python3 tests/bench.py --quick         # 2 s runs
     python3 tests/bench.py --generator python --routes object --connections 16 --json out.json
+    python3 tests/bench.py --versus-gin    # issue 11: beside Go/gin, held connections, start-up (~12 min)
 
 Method: the server runs on one core
 (`taskset -c 0`), the load generator and this harness on another (CPU 1); every request is a
@@ -16,6 +17,12 @@ Load generators: `wrk` (install it with `apt-get install wrk`) when present, oth
 standard-library one (one process, epoll via `selectors`, N non-blocking TLS connections, one
 request in flight per connection).  Needs nothing but Python and, for the throwaway
 certificates, the `openssl` command (or the `trustme` package).
+
+--versus-gin (section "Versus Go/gin") times start-up as the Dockerfile starts reqapi; runs reqapi
+under this Python and a 3.13 beside the Go/gin server of tests/bench_gin (built by its build.sh;
+needs Go and wrk) on the same core, with the same certificate and body bytes, in rotated rounds
+reported as medians and ratios to gin; then holds 1,000 idle connections and 500 watches at once.
+Each of its runs says how much CPU other processes took meanwhile (this VM may be shared).
 
 Linux only (reads /proc).  Not part of the test suite: pytest does not collect this file (its name
 is not test_*.py).
@@ -44,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -1359,8 +1367,9 @@ def summarise(runs: list) -> dict:
     for key, group in groups.items():
         rps = [run["rps"] for run in group]
         out[key] = {"rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps), "runs": len(group),
-                    "p50": median_of(group, lambda r: r["latency_s"].get("p50")),
-                    "p99": median_of(group, lambda r: r["latency_s"].get("p99")),
+                    # A run that completed no request has no latency (wrk prints 0.00us).
+                    "p50": median_of(group, lambda r: r["latency_s"].get("p50") if r["requests"] else None),
+                    "p99": median_of(group, lambda r: r["latency_s"].get("p99") if r["requests"] else None),
                     "errors": sum(run["errors"] for run in group),
                     "error_detail": [fmt_errors(run) for run in group if run["errors"]],
                     "cpu_us": median_of(group, lambda r: r["server_cpu_us_per_req"]),
@@ -1450,8 +1459,204 @@ def print_startups(startups: list, targets: tuple) -> None:
                        "others", "targets"], "lrrrrrl"))
 
 
+@dataclass
+class Versus:
+    """What the three parts of --versus-gin share."""
+    args: argparse.Namespace
+    workdir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    context: ssl.SSLContext             # a client that trusts `ca`
+    rules: Path                         # RULES, for the throughput and held servers
+    body_file: Path                     # the bytes gin serves: reqapi's answer to the object GET
+    gin_binary: str
+    pythons: list
+    srv_cpu: Optional[int]
+    gen_cpu: Optional[int]
+    results: dict
+    servers: dict = field(default_factory=dict)      # label -> Server, running; stopped at the end in any case
+    content_type: str = ""
+
+
+def versus_startups(v: Versus) -> list:
+    """Part 1: start-up and settled RSS as the image starts reqapi (and gin, for reference)."""
+    args = v.args
+    print(f"\n[1/3] start-up: {args.starts} starts each, exec → first 200 on /livez, then VmRSS once settled")
+    startups = []
+    for interpreter in v.pythons:
+        for no_site in (False, True):
+            name = f"{interpreter.label}{' -S' if no_site else ''}"
+            entry = measure_startups(
+                name, lambda port, p=interpreter.path, s=no_site: image_command(p, v.cert, v.key, port, s),
+                v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+            startups.append(entry)
+            print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
+                  f"({entry['command']})")
+    # gin's body file is a placeholder here: /livez is what is asked.
+    v.body_file.write_bytes(b"{}")
+    gin_env = {**os.environ, "GOMAXPROCS": "1"}
+    entry = measure_startups(
+        "gin", lambda port: ([v.gin_binary, "-addr", f"127.0.0.1:{port}", "-cert", str(v.cert), "-key", str(v.key),
+                              "-body", str(v.body_file)], gin_env),
+        v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+    startups.append(entry)
+    print(f"  gin: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB")
+    return startups
+
+
+def versus_throughput(v: Versus) -> list:
+    """Part 2: every reqapi and gin up at once (the idle ones cost nothing measurable), gin serving
+    the bytes reqapi answered, then the rounds; returns the server labels in table order."""
+    args = v.args
+    print(f"\n[2/3] throughput: {', '.join(f'{ROUTE_TITLES[r]} c{c}' for r, c in VERSUS_CONFIGS)}")
+    for interpreter in v.pythons:
+        server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, args.extra, v.srv_cpu,
+                        python=interpreter.path, name=interpreter.label.replace(" ", "-"))
+        v.servers[interpreter.label] = server
+        server.start(v.context, "/livez")
+    first = v.servers[v.pythons[0].label]
+    reference = https_get(v.context, first.port, VERSUS_ROUTES["object"][0], {})
+    if reference["status"] != 200:
+        raise BenchError(f"reqapi answered the object GET with {reference['status']}: {reference['body'][:300]!r}")
+    v.content_type = reference["headers"].get("content-type", "")
+    v.body_file.write_bytes(reference["body"])
+    gin = GinServer(v.workdir, v.gin_binary, v.cert, v.key, v.body_file, v.content_type, v.srv_cpu)
+    v.servers["gin"] = gin
+    gin.start(v.context, VERSUS_ROUTES["object"][0])
+    print(f"  gin: {gin.check_gomaxprocs()}, release mode, no logger: {shlex.join(gin.command)}")
+    for label, server in v.servers.items():
+        answers = {route: https_get(v.context, server.port, path, headers)
+                   for route, (path, headers) in VERSUS_ROUTES.items() if server is not gin or route == "object"}
+        obj = answers["object"]
+        same = obj["body"] == reference["body"] and obj["headers"].get("content-type") == v.content_type
+        if server is gin and not same:
+            raise BenchError(f"gin's answer differs from reqapi's: {obj['headers']} {obj['body'][:200]!r}")
+        routes = ", ".join(f"{route} {a['status']} ({len(a['body'])} B)" for route, a in answers.items())
+        print(f"  {label}: {server.tls}; object head {obj['head_bytes']} B + body {len(obj['body'])} B "
+              f"{obj['headers'].get('content-type')}{' (the bytes gin serves)' if server is first else ''}"
+              f"{', identical body' if server is gin else ''}; {routes}")
+        bad = [route for route, a in answers.items() if a["status"] != 200]
+        if bad:
+            raise BenchError(f"{label} does not answer 200 on {', '.join(bad)}")
+    v.results["object_body_bytes"] = len(reference["body"])
+    v.results["commands"] = {label: server.command for label, server in v.servers.items()}
+    runners = {label: Runner(server, "wrk", v.ca, v.gen_cpu, v.srv_cpu, v.workdir)
+               for label, server in v.servers.items()}
+    if args.warmup > 0:
+        for runner in runners.values():
+            runner.run("object", 16, args.warmup, VERSUS_ROUTES["object"])
+            time.sleep(PAUSE)
+    labels = list(v.servers)
+    v.results["repeated_runs"] = 0
+    for round_no in range(args.rounds):
+        for route, connections in VERSUS_CONFIGS:
+            taking = [label for label in labels if route == "object" or v.servers[label] is not gin]
+            shift = round_no % len(taking)
+            for label in taking[shift:] + taking[:shift]:
+                best: Optional[dict] = None
+                for attempt in range(1 + args.retries):
+                    run = runners[label].run(route, connections, args.duration, VERSUS_ROUTES[route])
+                    run.pop("raw", None)
+                    run.update({"server": label, "round": round_no + 1, "attempt": attempt + 1})
+                    lat = run["latency_s"]
+                    disturbed = run["other_load"] > args.max_others
+                    print(f"  round {round_no + 1}/{args.rounds} {ROUTE_TITLES[route]} c{connections} {label}: "
+                          f"{run['rps']:,.0f} req/s, p50 {fmt_latency(lat.get('p50'))}, p99 "
+                          f"{fmt_latency(lat.get('p99'))}, errors {fmt_errors(run)}, others "
+                          f"{fmt_share(run['other_load'])}"
+                          + (" (disturbed: again)" if disturbed and attempt < args.retries else ""))
+                    if best is None or run["other_load"] < best["other_load"]:
+                        best = run
+                    time.sleep(PAUSE)
+                    if not disturbed:
+                        break
+                v.results["runs"].append(best)
+                v.results["repeated_runs"] += attempt          # attempts beyond the first
+    for server in v.servers.values():
+        server.stop()
+    return labels
+
+
+def versus_holds(v: Versus) -> list:
+    """Part 3: a fresh server each, allowed enough descriptors (and, on the thread-per-connection
+    transport, enough --max-connections) to hold every connection; [(label, hold_test's dict)]."""
+    args = v.args
+    held_total = args.idle_connections + args.watches
+    print(f"\n[3/3] held at once: {args.idle_connections} idle keep-alive TLS connections (one GET each) + "
+          f"{args.watches} watches ({WATCH_PATH}, first event received); then {args.probes} new clients")
+    holds = []
+    limit_fds = held_total + 1024
+    for interpreter in v.pythons:
+        extra = list(args.extra)
+        if "--max-connections" in reqapi_flags(interpreter.path):
+            extra += ["--max-connections", str(held_total + 2 * args.probes + 64)]
+        server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, extra, v.srv_cpu, python=interpreter.path,
+                        nofile=limit_fds, name=interpreter.label.replace(" ", "-") + "-held")
+        v.servers[server.name] = server
+        server.start(v.context, VERSUS_ROUTES["object"][0])
+        try:
+            held = hold_test(server, v.context, args.idle_connections, args.watches, args.probes)
+        finally:
+            exit_code = server.stop()
+        held.update({"command": server.command, "exit_code": exit_code})
+        holds.append((interpreter.label, held))
+        print(f"  {interpreter.label}: {held.get('error') or 'all held'} ({shlex.join(server.command)})")
+    gin = GinServer(v.workdir, v.gin_binary, v.cert, v.key, v.body_file, v.content_type, v.srv_cpu, nofile=limit_fds)
+    v.servers["gin-held"] = gin
+    gin.start(v.context, VERSUS_ROUTES["object"][0])
+    try:
+        held = hold_test(gin, v.context, args.idle_connections, 0, args.probes)
+    finally:
+        gin.stop()
+    holds.append(("gin", held))
+    print(f"  gin: {held.get('error') or 'all held'} (idle connections only: it serves no watch)")
+    return holds
+
+
+def print_versus_report(v: Versus, labels: list, holds: list, startups: list) -> None:
+    """The three tables together, each with what its columns mean."""
+    args, results = v.args, v.results
+    summary = summarise(results["runs"])
+    results["summary"] = [{"route": k[0], "connections": k[1], "server": k[2], **e} for k, e in summary.items()]
+    print(f"\n== Throughput: medians of {args.rounds} rounds of {args.duration:g} s (req/s, p50 and p99 "
+          f"each the median) ==")
+    print_versus(summary, labels, "gin")
+    print("×gin = req/s ÷ gin's object GET at the same connections (the same rounds); ×own object = req/s ÷ "
+          "the same server's\nobject GET at the same connections; p99 ×gin = p99 ÷ gin's p99 (above 1: slower); "
+          "errors = wrk's socket errors + non-2xx,\nsummed over the rounds; srv CPU = the server's utime+stime "
+          f"per request; srv core / wrk core = busy share of CPU {v.srv_cpu} / {v.gen_cpu}; others = the most CPU\n"
+          "(share of one core) that other processes on this machine used during one of the runs: above a few "
+          f"% the figures are disturbed; {results['repeated_runs']} runs were done again because "
+          f"others exceeded {fmt_share(args.max_others)} (--max-others), the least disturbed attempt kept.")
+    disturbed = [run for run in results["runs"] if run["other_load"] > args.max_others]
+    if disturbed:
+        print(f"WARNING: {len(disturbed)} of the {len(results['runs'])} runs kept were disturbed (others above "
+              f"{fmt_share(args.max_others)} even after {args.retries} more attempts): other processes shared "
+              f"these cores, so these figures\nare not comparable with a quiet run's; the ratios to gin (same "
+              f"rounds) suffer least.")
+    print("\n== Held at once (fresh server each; RSS = VmRSS once settled) ==")
+    print_holds(holds)
+    print(f"KB/idle conn = (+idle - before) ÷ {args.idle_connections}; KB/watch = (+watches - +idle) ÷ "
+          f"{args.watches}; new client = connect + TLS handshake + GET of the object on a new connection, "
+          f"{args.probes} times,\nwith everything held; still open = held connections the server had not "
+          f"closed at the end; others = as above, over the whole hold.")
+    print(f"\n== Start-up as the image starts it (median of {args.starts}; Dockerfile ENTRYPOINT and ENV, "
+          "the Deployment's --cert/--key/--rules/--port) ==")
+    print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
+    print("-S = the same command with python -S: no site-packages start-up hooks (this machine's "
+          "interpreters have some; the distroless image has none);\nothers = as above, the most over the starts, "
+          f"from exec to the answer; {sum(e['repeated'] for e in startups)} starts were done again because others "
+          f"exceeded {fmt_share(args.max_others)}.")
+    for entry in startups:
+        if entry["name"].startswith("reqapi") and not entry["name"].endswith(" -S"):
+            print(f"  {entry['name']}: {entry['command']}")
+    print(f"\nload average at the end: {load_average()}")
+
+
 def versus_gin(args: argparse.Namespace) -> int:
-    """The side-by-side benchmark of issue 11; see the section comment above."""
+    """The side-by-side benchmark of issue 11 (see the section comment above): check what it needs,
+    print the set-up, run the three parts, print the report."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     if not shutil.which("wrk"):
@@ -1476,7 +1681,6 @@ def versus_gin(args: argparse.Namespace) -> int:
     machine = machine_info()
     said = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     machine["wrk"] = ((said.stdout or said.stderr).strip().splitlines() or ["wrk"])[0].split(" Copyright")[0]
-    order_note = "server order rotated every round"
     print("reqapi versus Go/gin (issue 11)")
     print(f"  machine     : {machine['cpu_model']}, {machine['cores']} cores, {machine.get('os', '?')}, kernel "
           f"{machine['kernel']}, load average {machine.get('loadavg_at_start', '?')}")
@@ -1487,8 +1691,8 @@ def versus_gin(args: argparse.Namespace) -> int:
     print("  pinning     : " + (f"servers on CPU {srv_cpu}, wrk and this harness on CPU {gen_cpu} ({pin_how})"
                                  if srv_cpu is not None else pin_how))
     print(f"  load        : {machine['wrk']}: wrk -t1 -cN -d{args.duration:g}s --latency --timeout "
-          f"{REQUEST_TIMEOUT:g}s, keep-alive; {args.rounds} rounds ({order_note}), {PAUSE:g} s pause, "
-          f"a {args.warmup:g} s warm-up per server")
+          f"{REQUEST_TIMEOUT:g}s, keep-alive; {args.rounds} rounds (server order rotated every round), "
+          f"{PAUSE:g} s pause, a {args.warmup:g} s warm-up per server")
     print(f"  reqapi      : log level {args.log_level or 'the default (a line per request, to a file)'}"
           + (f", extra flags {shlex.join(args.extra)}" if args.extra else ""))
 
@@ -1496,176 +1700,26 @@ def versus_gin(args: argparse.Namespace) -> int:
     results: dict = {"machine": machine, "config": {
         "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
         "pythons": [p._asdict() for p in pythons], "idle_connections": args.idle_connections,
-        "watches": args.watches, "starts": args.starts,
+        "watches": args.watches, "starts": args.starts, "max_others": args.max_others, "retries": args.retries,
         "pinning": {"server_cpu": srv_cpu, "generator_cpu": gen_cpu, "how": pin_how}}, "runs": []}
-    servers: dict = {}
+    v: Optional[Versus] = None
     code = 0
     try:
         ca, cert, key = make_certificates(workdir)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(cafile=str(ca))
-        rules_path = workdir / "rules.json"
-        rules_path.write_text(json.dumps(RULES, indent=2))
-        body_file = workdir / "object-body.json"
+        rules = workdir / "rules.json"
+        rules.write_text(json.dumps(RULES, indent=2))
         print(f"  certificate : ECDSA P-256 for IP:127.0.0.1 from a throwaway CA ({cert.name}); the same files "
               f"for every server")
-
-        # 1. Start-up and settled RSS, as the image starts reqapi (fresh processes on a quiet machine).
-        print(f"\n[1/3] start-up: {args.starts} starts each, exec → first 200 on /livez, then VmRSS once settled")
-        startups = []
-        for interpreter in pythons:
-            for no_site in (False, True):
-                name = f"{interpreter.label}{' -S' if no_site else ''}"
-                entry = measure_startups(
-                    name, lambda port, p=interpreter.path, s=no_site: image_command(p, cert, key, port, s),
-                    srv_cpu, context, args.starts, workdir, args.max_others, args.retries)
-                startups.append(entry)
-                print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
-                      f"({entry['command']})")
-        # gin as a reference point (its body file is a placeholder here: /livez is what is asked).
-        body_file.write_bytes(b"{}")
-        gin_env = {**os.environ, "GOMAXPROCS": "1"}
-        entry = measure_startups(
-            "gin", lambda port: ([gin_binary, "-addr", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key),
-                                  "-body", str(body_file)], gin_env), srv_cpu, context, args.starts, workdir,
-            args.max_others, args.retries)
-        startups.append(entry)
-        print(f"  gin: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB")
-        results["startups"] = startups
-
-        # 2. Throughput: every reqapi and gin up at once (idle ones cost nothing measurable), the same
-        # body bytes in gin as reqapi answered, then the rounds.
-        print(f"\n[2/3] throughput: {', '.join(f'{ROUTE_TITLES[r]} c{c}' for r, c in VERSUS_CONFIGS)}")
-        for interpreter in pythons:
-            server = Server(workdir, cert, key, rules_path, args.log_level, args.extra, srv_cpu,
-                            python=interpreter.path, name=interpreter.label.replace(" ", "-"))
-            server.start(context, "/livez")
-            servers[interpreter.label] = server
-        first = servers[pythons[0].label]
-        reference = https_get(context, first.port, VERSUS_ROUTES["object"][0], {})
-        if reference["status"] != 200:
-            raise BenchError(f"reqapi answered the object GET with {reference['status']}: {reference['body'][:300]!r}")
-        content_type = reference["headers"].get("content-type", "")
-        body_file.write_bytes(reference["body"])
-        gin = GinServer(workdir, gin_binary, cert, key, body_file, content_type, srv_cpu)
-        gin.start(context, VERSUS_ROUTES["object"][0])
-        gin_label = "gin"
-        servers[gin_label] = gin
-        print(f"  gin: {gin.check_gomaxprocs()}, release mode, no logger: {shlex.join(gin.command)}")
-        for label, server in servers.items():
-            answers = {route: https_get(context, server.port, path, headers)
-                       for route, (path, headers) in VERSUS_ROUTES.items() if server is not gin or route == "object"}
-            obj = answers["object"]
-            same = obj["body"] == reference["body"] and obj["headers"].get("content-type") == content_type
-            if server is gin and not same:
-                raise BenchError(f"gin's answer differs from reqapi's: {obj['headers']} {obj['body'][:200]!r}")
-            routes = ", ".join(f"{route} {a['status']} ({len(a['body'])} B)" for route, a in answers.items())
-            print(f"  {label}: {server.tls}; object head {obj['head_bytes']} B + body {len(obj['body'])} B "
-                  f"{obj['headers'].get('content-type')}{' (the bytes gin serves)' if server is first else ''}"
-                  f"{', identical body' if server is gin else ''}; {routes}")
-            bad = [route for route, a in answers.items() if a["status"] != 200]
-            if bad:
-                raise BenchError(f"{label} does not answer 200 on {', '.join(bad)}")
-        results["object_body_bytes"] = len(reference["body"])
-        results["commands"] = {label: server.command for label, server in servers.items()}
-        runners = {label: Runner(server, "wrk", ca, gen_cpu, srv_cpu, workdir) for label, server in servers.items()}
-        if args.warmup > 0:
-            for runner in runners.values():
-                runner.run("object", 16, args.warmup, VERSUS_ROUTES["object"])
-                time.sleep(PAUSE)
-        labels = list(servers)
-        for round_no in range(args.rounds):
-            for route, connections in VERSUS_CONFIGS:
-                taking = [label for label in labels if route == "object" or servers[label] is not gin]
-                shift = round_no % len(taking)
-                for label in taking[shift:] + taking[:shift]:
-                    best: Optional[dict] = None
-                    for attempt in range(1 + args.retries):
-                        run = runners[label].run(route, connections, args.duration, VERSUS_ROUTES[route])
-                        run.pop("raw", None)
-                        run.update({"server": label, "round": round_no + 1, "attempt": attempt + 1})
-                        lat = run["latency_s"]
-                        disturbed = run["other_load"] > args.max_others
-                        print(f"  round {round_no + 1}/{args.rounds} {ROUTE_TITLES[route]} c{connections} {label}: "
-                              f"{run['rps']:,.0f} req/s, p50 {fmt_latency(lat.get('p50'))}, p99 "
-                              f"{fmt_latency(lat.get('p99'))}, errors {fmt_errors(run)}, others "
-                              f"{fmt_share(run['other_load'])}"
-                              + (" (disturbed: again)" if disturbed and attempt < args.retries else ""))
-                        if best is None or run["other_load"] < best["other_load"]:
-                            best = run
-                        time.sleep(PAUSE)
-                        if not disturbed:
-                            break
-                    results["runs"].append(best)
-                    results["repeated_runs"] = results.get("repeated_runs", 0) + attempt   # attempts beyond the first
-        for server in servers.values():
-            server.stop()
-
-        # 3. Held connections: a fresh server each, allowed enough descriptors (and, on the
-        # thread-per-connection transport, enough --max-connections) for all of them.
-        print(f"\n[3/3] held at once: {args.idle_connections} idle keep-alive TLS connections (one GET each) + "
-              f"{args.watches} watches ({WATCH_PATH}, first event received); then {args.probes} new clients")
-        holds = []
-        limit_fds = held_total + 1024
-        for interpreter in pythons:
-            extra = list(args.extra)
-            if "--max-connections" in reqapi_flags(interpreter.path):
-                extra += ["--max-connections", str(held_total + 2 * args.probes + 64)]
-            server = Server(workdir, cert, key, rules_path, args.log_level, extra, srv_cpu, python=interpreter.path,
-                            nofile=limit_fds, name=interpreter.label.replace(" ", "-") + "-held")
-            server.start(context, VERSUS_ROUTES["object"][0])
-            try:
-                held = hold_test(server, context, args.idle_connections, args.watches, args.probes)
-            finally:
-                held["command"] = server.command
-                held["exit_code"] = server.stop()
-            holds.append((interpreter.label, held))
-            print(f"  {interpreter.label}: {held.get('error') or 'all held'} ({shlex.join(server.command)})")
-        gin = GinServer(workdir, gin_binary, cert, key, body_file, content_type, srv_cpu, nofile=limit_fds)
-        gin.start(context, VERSUS_ROUTES["object"][0])
-        try:
-            held = hold_test(gin, context, args.idle_connections, 0, args.probes)
-        finally:
-            gin.stop()
-        holds.append(("gin", held))
-        print(f"  gin: {held.get('error') or 'all held'} (idle connections only: it serves no watch)")
+        v = Versus(args, workdir, ca, cert, key, context, rules, workdir / "object-body.json", gin_binary, pythons,
+                   srv_cpu, gen_cpu, results)
+        # Start-up first, while no server of this bench runs.
+        startups = results["startups"] = versus_startups(v)
+        labels = versus_throughput(v)
+        holds = versus_holds(v)
         results["holds"] = {name: held for name, held in holds}
-
-        # The report: the three tables together.
-        summary = summarise(results["runs"])
-        results["summary"] = [{"route": k[0], "connections": k[1], "server": k[2], **v} for k, v in summary.items()]
-        print(f"\n== Throughput: medians of {args.rounds} rounds of {args.duration:g} s (req/s, p50 and p99 "
-              f"each the median) ==")
-        print_versus(summary, labels, gin_label)
-        print("×gin = req/s ÷ gin's object GET at the same connections (the same rounds); ×own object = req/s ÷ "
-              "the same server's\nobject GET at the same connections; p99 ×gin = p99 ÷ gin's p99 (above 1: slower); "
-              "errors = wrk's socket errors + non-2xx,\nsummed over the rounds; srv CPU = the server's utime+stime "
-              "per request; srv core / wrk core = busy share of CPU " f"{srv_cpu} / {gen_cpu}; others = the most CPU\n"
-              "(share of one core) that other processes on this machine used during one of the runs: above a few "
-              f"% the figures are disturbed; {results.get('repeated_runs', 0)} runs were done again because "
-              f"others exceeded {fmt_share(args.max_others)} (--max-others), the least disturbed attempt kept.")
-        disturbed = [run for run in results["runs"] if run["other_load"] > args.max_others]
-        if disturbed:
-            print(f"WARNING: {len(disturbed)} of the {len(results['runs'])} runs kept were disturbed (others above "
-                  f"{fmt_share(args.max_others)} even after {args.retries} more attempts): other processes shared "
-                  f"these cores, so these figures\nare not comparable with a quiet run's; the ratios to gin (same "
-                  f"rounds) suffer least.")
-        print("\n== Held at once (fresh server each; RSS = VmRSS once settled) ==")
-        print_holds(holds)
-        print(f"KB/idle conn = (+idle - before) ÷ {args.idle_connections}; KB/watch = (+watches - +idle) ÷ "
-              f"{args.watches}; new client = connect + TLS handshake + GET of the object on a new connection, "
-              f"{args.probes} times,\nwith everything held; still open = held connections the server had not "
-              f"closed at the end; others = as above, over the whole hold.")
-        print(f"\n== Start-up as the image starts it (median of {args.starts}; Dockerfile ENTRYPOINT and ENV, "
-              "the Deployment's --cert/--key/--rules/--port) ==")
-        print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
-        print("-S = the same command with python -S: no site-packages start-up hooks (this machine's "
-              "interpreters have some; the distroless image has none);\nothers = as above, the most over the starts, "
-              f"from exec to the answer; {sum(e['repeated'] for e in startups)} starts were done again because others "
-              f"exceeded {fmt_share(args.max_others)}.")
-        for interpreter, entry in zip(pythons, startups[::2]):
-            print(f"  {interpreter.label}: {entry['command']}")
-        print(f"\nload average at the end: {load_average()}")
+        print_versus_report(v, labels, holds, startups)
     except BenchError as error:
         print(f"\nbench: {error}", file=sys.stderr)
         code = 1
@@ -1673,7 +1727,7 @@ def versus_gin(args: argparse.Namespace) -> int:
         print("\nbench: interrupted", file=sys.stderr)
         code = 130
     finally:
-        for server in servers.values():
+        for server in (v.servers.values() if v else ()):
             server.stop()
         if args.json:
             try:
