@@ -7,6 +7,7 @@ connection counts.
     python3 tests/bench.py --quick         # 2 s runs
     python3 tests/bench.py --generator python --routes object --connections 16 --json out.json
     python3 tests/bench.py --history       # usage history: ~2,000 pods against a real Prometheus
+    python3 tests/bench.py --versus-gin    # issue 11: beside Go/gin, held connections, start-up (~12 min)
 
 Method: the server runs on one core
 (`taskset -c 0`), the load generator and this harness on another (CPU 1); every request is a
@@ -17,6 +18,12 @@ Load generators: `wrk` (install it with `apt-get install wrk`) when present, oth
 standard-library one (one process, epoll via `selectors`, N non-blocking TLS connections, one
 request in flight per connection).  Needs nothing but Python and, for the throwaway
 certificates, the `openssl` command (or the `trustme` package).
+
+--versus-gin (section "Versus Go/gin") times start-up as the Dockerfile starts reqapi; runs reqapi
+under this Python and a 3.13 beside the Go/gin server of tests/bench_gin (built by its build.sh;
+needs Go and wrk) on the same core, with the same certificate and body bytes, in rotated rounds
+reported as medians and ratios to gin; then holds 1,000 idle connections and 500 watches at once.
+Each of its runs says how much CPU other processes took meanwhile (this VM may be shared).
 
 Linux only (reads /proc).  Not part of the test suite: pytest does not collect this file (its name
 is not test_*.py).
@@ -32,18 +39,22 @@ import os
 import platform
 import random
 import re
+import resource
+import select
 import selectors
 import shlex
 import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 REQAPI = ROOT / "reqapi.py"
@@ -136,40 +147,65 @@ def https_get(context: ssl.SSLContext, port: int, path: str, headers: dict, time
     try:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-        sock.sendall(request_bytes(port, path, headers))
-        buf = b""
-        head_end = length = -1
-        status = 0
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                if head_end >= 0 and length == -2:
-                    break
-                raise ConnectionError("connection closed before the response was complete")
-            buf += data
-            if head_end < 0:
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end < 0:
-                    continue
-                status, length, _ = parse_head(buf, head_end)
-            end = response_end(buf, head_end, length)
-            if end >= 0:
-                buf = buf[:end]
-                break
-        head = buf[:head_end].decode("latin-1").split("\r\n")[1:]
-        fields = {}
-        for line in head:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        body = buf[head_end + 4:]
-        if length == -1:
-            body = dechunk(body)
-        info = {"status": status, "headers": fields, "body": body, "tls": sock.version(),
-                "cipher": sock.cipher()[0]}
+        info = exchange(sock, request_bytes(port, path, headers))
         sock.close()
         return info
     finally:
         raw.close()
+
+
+def exchange(sock: ssl.SSLSocket, request: bytes, first_chunk: bool = False) -> dict:
+    """Send one request on an open TLS connection and read its response, leaving the connection
+    open.  With first_chunk (a watch), stop at the first complete chunk of a chunked body: that
+    chunk is the body returned."""
+    sock.sendall(request)
+    buf = b""
+    head_end = length = -1
+    status = 0
+    body: Optional[bytes] = None
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            if head_end >= 0 and length == -2:
+                break
+            raise ConnectionError("connection closed before the response was complete")
+        buf += data
+        if head_end < 0:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            status, length, _ = parse_head(buf, head_end)
+        if first_chunk and length == -1:
+            body = chunk_at(buf, head_end + 4)
+            if body is not None:
+                break
+            continue
+        end = response_end(buf, head_end, length)
+        if end >= 0:
+            buf = buf[:end]
+            break
+    head = buf[:head_end].decode("latin-1").split("\r\n")[1:]
+    fields = {}
+    for line in head:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if body is None:
+        body = buf[head_end + 4:]
+        if length == -1:
+            body = dechunk(body)
+    return {"status": status, "headers": fields, "body": body, "head_bytes": head_end + 4, "tls": sock.version(),
+            "cipher": sock.cipher()[0]}
+
+
+def chunk_at(buf: bytes, pos: int) -> Optional[bytes]:
+    """The data of the chunk that starts at pos once it is complete (b"" for the last chunk), else None."""
+    eol = buf.find(b"\r\n", pos)
+    if eol < 0:
+        return None
+    size = int(buf[pos:eol].split(b";", 1)[0], 16)
+    if len(buf) < eol + 2 + size + 2:
+        return None
+    return buf[eol + 2:eol + 2 + size]
 
 
 def dechunk(body: bytes) -> bytes:
@@ -466,6 +502,27 @@ def cpu_times() -> dict:
     return out
 
 
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def task_ticks() -> int:
+    """user + nice + system jiffies of all CPUs together (/proc/stat): the time every process spent,
+    without idle, iowait, interrupts and steal."""
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                if line.startswith("cpu "):
+                    return sum(int(v) for v in line.split()[1:4])
+    except OSError:
+        pass
+    return 0
+
+
 def busy_share(before: dict, after: dict, cpu: Optional[int]) -> Optional[float]:
     if cpu is None:
         return None
@@ -587,6 +644,20 @@ def pinned(command: list, cpu: Optional[int]) -> tuple:
     return command, lambda: os.sched_setaffinity(0, {cpu})
 
 
+def with_nofile(preexec: Optional[Callable[[], None]], nofile: Optional[int]) -> Optional[Callable[[], None]]:
+    """`preexec` plus, when nofile is given, RLIMIT_NOFILE raised to it in the child (before exec,
+    so a taskset in front passes it on): a server holding ~1,500 connections needs more than 1,024."""
+    if nofile is None:
+        return preexec
+
+    def run() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
+        if preexec is not None:
+            preexec()
+    return run
+
+
 def start_loadgen(params: dict, cpu: Optional[int]) -> subprocess.Popen:
     """The standard-library load generator in a child process (on `cpu`), connected and waiting:
     write "go" to its stdin to start the run; its result is the last line of its stdout."""
@@ -610,33 +681,47 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 
 class Server:
+    """reqapi.py under test, started with `python` (default: the one running this harness)."""
+
+    # Log text saying the port was taken between free_port() and the server's bind: try another.
+    PORT_TAKEN = ("cannot listen", "address already in use")
+
     def __init__(self, directory: Path, cert: Path, key: Path, rules: Optional[Path], log_level: Optional[str],
-                 extra: list, cpu: Optional[int]):
+                 extra: list, cpu: Optional[int], python: str = sys.executable, nofile: Optional[int] = None,
+                 name: str = "reqapi"):
         self.directory, self.cert, self.key, self.rules = directory, cert, key, rules
         self.log_level, self.extra, self.cpu = log_level, extra, cpu
-        self.log_file = directory / "reqapi.log"
+        self.python, self.nofile, self.name = python, nofile, name
+        self.log_file = directory / f"{name}.log"
         self.process: Optional[subprocess.Popen] = None
         self.port = 0
         self.command: list = []
+        self.tls = ""
+
+    def build_command(self) -> list:
+        command = [self.python, str(REQAPI), "--cert", str(self.cert), "--key", str(self.key),
+                   "--port", str(self.port), "--bind-address", "127.0.0.1"]
+        if self.rules:
+            command += ["--rules", str(self.rules)]
+        if self.log_level:
+            command += ["--log-level", self.log_level]
+        return command + self.extra
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        env.pop("KUBERNETES_SERVICE_HOST", None)      # never act as if in a pod
+        return env
 
     def start(self, context: ssl.SSLContext, probe_path: str, timeout: float = 30.0) -> float:
         """Start the server; returns ms from process start to the end of the first 200 response."""
         for attempt in range(3):
             self.port = free_port()
-            command = [sys.executable, str(REQAPI), "--cert", str(self.cert), "--key", str(self.key),
-                       "--port", str(self.port), "--bind-address", "127.0.0.1"]
-            if self.rules:
-                command += ["--rules", str(self.rules)]
-            if self.log_level:
-                command += ["--log-level", self.log_level]
-            command += self.extra
-            self.command, preexec = pinned(command, self.cpu)
-            env = dict(os.environ)
-            env.pop("KUBERNETES_SERVICE_HOST", None)      # never act as if in a pod
+            self.command, preexec = pinned(self.build_command(), self.cpu)
+            preexec = with_nofile(preexec, self.nofile)
             log = open(self.log_file, "ab")
             started = time.perf_counter()
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL, preexec_fn=preexec)
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment(), stdin=subprocess.DEVNULL, preexec_fn=preexec)
             log.close()
             deadline = started + timeout
             last_error = ""
@@ -654,12 +739,13 @@ class Server:
                     return (time.perf_counter() - started) * 1000
                 last_error = f"HTTP {answer['status']}: {answer['body'][:200]!r}"
                 time.sleep(0.002)
-            if self.process.poll() is not None and "cannot listen" in self.log_tail() and attempt < 2:
+            tail = self.log_tail()
+            if self.process.poll() is not None and any(mark in tail for mark in self.PORT_TAKEN) and attempt < 2:
                 continue                                    # the port was taken meanwhile: another one
             exited = self.process.poll() is not None
             self.stop()
-            what = (f"the server exited with code {self.process.returncode} before answering" if exited else
-                    f"the server did not answer 200 within {timeout:g}s")
+            what = (f"{self.name} exited with code {self.process.returncode} before answering" if exited else
+                    f"{self.name} did not answer 200 within {timeout:g}s")
             raise BenchError(f"{what} (last probe: {last_error or 'none'})\n"
                              f"command: {shlex.join(self.command)}\nlog ({self.log_file}):\n{self.log_tail()}")
         raise BenchError("unreachable")
@@ -757,10 +843,13 @@ class Runner:
         self.gen_cpu, self.srv_cpu, self.workdir = gen_cpu, srv_cpu, workdir
 
     def snapshot(self) -> dict:
-        return {"t": time.perf_counter(), "ticks": proc_cpu_ticks(self.server.process.pid), "cpus": cpu_times()}
+        own = os.times()
+        return {"t": time.perf_counter(), "ticks": proc_cpu_ticks(self.server.process.pid), "cpus": cpu_times(),
+                "all_tasks": task_ticks(), "harness_s": own.user + own.system}
 
-    def run(self, route: str, connections: int, duration: float) -> dict:
-        path, headers = ROUTES[route]
+    def run(self, route: str, connections: int, duration: float, target: Optional[tuple] = None) -> dict:
+        """One load run; `target` = (path, headers) instead of ROUTES[route]."""
+        path, headers = target or ROUTES[route]
         pid = self.server.process.pid
         peak = {"VmRSS": 0, "Threads": 0}
 
@@ -836,6 +925,10 @@ class Runner:
             "generator_core_busy": busy_share(before["cpus"], after["cpus"], self.gen_cpu),
             "peak_rss_mb": peak["VmRSS"] / 1024, "peak_threads": peak["Threads"],
             "wall_s": after["t"] - before["t"],
+            # CPU that neither the server, nor the generator, nor this harness used during the run, as a
+            # share of one core: other processes on the machine (this VM is shared); 0 on a quiet one.
+            "other_load": max(0.0, (after["all_tasks"] - before["all_tasks"]) / CLK_TCK - cpu_s - gen_cpu_s
+                              - (after["harness_s"] - before["harness_s"])) / (after["t"] - before["t"]),
         })
         result["errors"] = sum(result["socket_errors"].values()) + result["non2xx"]
         return result
@@ -895,6 +988,762 @@ def print_results(runs: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Versus Go/gin (--versus-gin, issue 11): reqapi beside gin in the same run, and what reqapi holds
+# ---------------------------------------------------------------------------------------------
+# Fair or worthless: gin in release mode without a request logger, GOMAXPROCS=1, on reqapi's core;
+# the same ECDSA P-256 certificate and the same body bytes; the same wrk command on the other core;
+# several rounds whose server order rotates, reported as medians and as ratios to gin's runs of
+# the same rounds (this VM's absolute figures move by 10-15 % from run to run).
+
+GIN_DIR = ROOT / "tests" / "bench_gin"
+# The paths issue 11 names; wrk sends the Accept header with -H.
+VERSUS_ROUTES = {
+    "object": (GV + "/namespaces/default/requests/web", {}),
+    "table": (GV + "/requests", {"Accept": TABLE_ACCEPT}),
+    "discovery": (GV, {}),
+}
+ROUTE_TITLES = {"object": "object GET", "table": "Table list", "discovery": "discovery"}
+VERSUS_CONFIGS = (("object", 16), ("object", 256), ("table", 256), ("discovery", 256))
+# All namespaces: with RULES, four workloads are named exactly, so every watch starts with four
+# ADDED events at once.
+WATCH_PATH = GV + "/requests?watch=1"
+# Where a Python 3.13 (the image's) is looked for when --python is not given; the same list as .ci/run.
+PY313_CANDIDATES = ("python3.13", "~/.pyenv/versions/3.13.0/bin/python3.13", "/usr/bin/python3.13")
+# The Deployment's args (k8s/base/deployment.yaml) with this machine's files and a free port;
+# --shutdown-delay/--shutdown-timeout are left out: they act only after SIGTERM.
+IMAGE_RULES = ROOT / "k8s" / "rules.json"
+TARGET_STARTUP_MS, TARGET_RSS_MB = 150, 30     # issue 11's targets for reqapi as the image starts it
+HELD_TIMEOUT = 10.0         # seconds one held connection may take to connect, handshake and answer
+
+
+class Interpreter(NamedTuple):
+    path: str               # the real executable (a pyenv shim would add its own start-up to every figure)
+    version: str            # "3.11.7"
+    openssl: str
+
+    @property
+    def label(self) -> str:
+        return f"reqapi py{self.version}"
+
+
+def probe_interpreter(candidate: str) -> tuple:
+    """(Interpreter or None, why not) for a Python command or path."""
+    try:
+        said = subprocess.run([candidate, "-c", "import ssl, sys; print(sys.executable); "
+                               "print(sys.version.split()[0]); print(ssl.OPENSSL_VERSION)"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"cannot run it ({error})"
+    lines = said.stdout.strip().splitlines()
+    if said.returncode != 0 or len(lines) != 3:
+        return None, f"not a Python with ssl: {(said.stderr or said.stdout).strip()[:300]}"
+    return Interpreter(*lines), ""
+
+
+def resolve_interpreters(requested: list) -> tuple:
+    """([Interpreter], notes): each --python, or this Python and the first working 3.13 of
+    PY313_CANDIDATES when none is given (a pyenv shim may exist and still fail); the same
+    interpreter asked twice runs once."""
+    notes = []
+    found: list = []
+    if requested:
+        for candidate in requested:
+            interpreter, why = probe_interpreter(candidate)
+            if interpreter is None:
+                raise BenchError(f"--python {candidate}: {why}")
+            found.append(interpreter)
+    else:
+        found.append(Interpreter(sys.executable, sys.version.split()[0], ssl.OPENSSL_VERSION))
+        for candidate in PY313_CANDIDATES:
+            path = shutil.which(os.path.expanduser(candidate))
+            interpreter = probe_interpreter(path)[0] if path else None
+            if interpreter is not None:
+                found.append(interpreter)
+                break
+        else:
+            notes.append(f"no working Python 3.13 found ({', '.join(PY313_CANDIDATES)}): only "
+                         f"{sys.version.split()[0]} is measured; name one with --python")
+    out: list = []
+    for interpreter in found:
+        if all(os.path.realpath(other.path) != os.path.realpath(interpreter.path) for other in out):
+            out.append(interpreter)
+    return out, notes
+
+
+def build_gin() -> str:
+    """The gin server's binary, built (or reused) by tests/bench_gin/build.sh; its progress goes to stderr."""
+    try:
+        done = subprocess.run(["bash", str(GIN_DIR / "build.sh")], stdout=subprocess.PIPE, text=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise BenchError(f"tests/bench_gin/build.sh failed to run: {error}") from None
+    if done.returncode == 3:
+        raise BenchError("--versus-gin needs Go 1.26 or newer on PATH to build the gin server (tests/bench_gin)")
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not os.access(lines[-1], os.X_OK):
+        raise BenchError(f"tests/bench_gin/build.sh failed (exit code {done.returncode}); its messages are above")
+    return lines[-1]
+
+
+class GinServer(Server):
+    """tests/bench_gin: serves `body_file` on the object route, /livez, with reqapi's certificate."""
+
+    def __init__(self, directory: Path, binary: str, cert: Path, key: Path, body_file: Path, content_type: str,
+                 cpu: Optional[int], nofile: Optional[int] = None):
+        super().__init__(directory, cert, key, None, None, [], cpu, nofile=nofile, name="gin")
+        self.binary, self.body_file, self.content_type = binary, body_file, content_type
+
+    def build_command(self) -> list:
+        return [self.binary, "-addr", f"127.0.0.1:{self.port}", "-cert", str(self.cert), "-key", str(self.key),
+                "-body", str(self.body_file), "-content-type", self.content_type]
+
+    def environment(self) -> dict:
+        env = super().environment()
+        env["GOMAXPROCS"] = "1"             # one P, as reqapi has one core's worth of GIL
+        return env
+
+    def check_gomaxprocs(self) -> str:
+        """The line main.go writes at start; a GOMAXPROCS other than 1 makes the comparison unfair."""
+        said = next((line for line in self.log_tail().splitlines() if "GOMAXPROCS=" in line), "")
+        if "GOMAXPROCS=1 " not in said:
+            raise BenchError(f"the gin server does not run with GOMAXPROCS=1: {said or self.log_tail()}")
+        return said.split("bench_gin: ", 1)[-1].split(" on https", 1)[0]
+
+
+def reqapi_flags(python: str) -> str:
+    return subprocess.run([python, str(REQAPI), "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+def raise_nofile(needed: int) -> int:
+    """Raise this process's RLIMIT_NOFILE to `needed` (root may raise the hard limit too); returns
+    the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(needed, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def settled_rss_kb(pid: int, first_wait: float = 1.0, limit: float = 8.0) -> int:
+    """VmRSS once it stops moving: after `first_wait`, the first of two readings half a second apart
+    that differ by at most 0.5 % (or 64 kB), else the last reading after `limit` seconds."""
+    time.sleep(first_wait)
+    last = proc_status(pid)["VmRSS"]
+    give_up = time.perf_counter() + limit
+    while time.perf_counter() < give_up:
+        time.sleep(0.5)
+        now = proc_status(pid)["VmRSS"]
+        if abs(now - last) <= max(64, last // 200):
+            return now
+        last = now
+    return last
+
+
+# -- start-up as the image starts it ---------------------------------------------------------
+
+def image_command(python: str, cert: Path, key: Path, port: int, no_site: bool = False) -> tuple:
+    """(argv, env) of the container: the Dockerfile's ENTRYPOINT and ENV (its python replaced by
+    `python`, /app/reqapi.py by this reqapi.py) and the Deployment's args.  no_site adds -S."""
+    text = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.M)
+    if not found:
+        raise BenchError("Dockerfile: no ENTRYPOINT in exec form; cannot start reqapi as the image does")
+    entry = json.loads(found.group(1))
+    argv = [python] + (["-S"] if no_site else []) + [str(REQAPI) if arg.endswith("reqapi.py") else arg
+                                                      for arg in entry[1:]]
+    argv += [f"--cert={cert}", f"--key={key}", f"--rules={IMAGE_RULES}", f"--port={port}",
+             "--bind-address=127.0.0.1"]          # the image binds 0.0.0.0; loopback is enough here
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    # ENV lines, continuation lines included: KEY=VALUE pairs.
+    for block in re.findall(r"^ENV\s+((?:.*\\\n)*.*)$", text, re.M):
+        for pair in shlex.split(block.replace("\\\n", " ")):
+            name, _, value = pair.partition("=")
+            env[name] = value
+    return argv, env
+
+
+def start_once(name: str, argv: list, env: dict, port: int, cpu: Optional[int], context: ssl.SSLContext,
+               log_path: Path) -> tuple:
+    """Start argv on `cpu` and poll /livez until 200: (ms from just before the exec to the end of that
+    answer, CPU other processes took meanwhile as a share of one core, VmRSS MB once settled)."""
+    preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None   # no taskset exec
+    with open(log_path, "ab") as log:
+        all_before, own_before = task_ticks(), sum(os.times()[:2])
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL, preexec_fn=preexec)
+    try:
+        answered = None
+        while time.perf_counter() - started < 30 and process.poll() is None:
+            try:
+                answer = https_get(context, port, "/livez", {}, timeout=2.0)
+            except (OSError, ssl.SSLError):
+                time.sleep(0.002)
+                continue
+            if answer["status"] == 200:
+                answered = time.perf_counter()
+                break
+            time.sleep(0.002)
+        if answered is None:
+            tail = log_path.read_bytes()[-3000:].decode("utf-8", "replace")
+            raise BenchError(f"{name} did not answer /livez with 200 (exit code {process.poll()}):\n"
+                             f"{shlex.join(argv)}\n{tail}")
+        # As in Runner.run (jiffies: coarse over a start-up's few hundred ms).
+        foreign = ((task_ticks() - all_before - proc_cpu_ticks(process.pid)) / CLK_TCK
+                   - (sum(os.times()[:2]) - own_before))
+        return (answered - started) * 1000, max(0.0, foreign) / (answered - started), \
+            settled_rss_kb(process.pid) / 1024
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def measure_startups(name: str, make: Callable[[int], tuple], cpu: Optional[int], context: ssl.SSLContext,
+                     starts: int, workdir: Path, max_others: float, retries: int) -> dict:
+    """`starts` starts of `make(port)`'s (argv, env) (see start_once); a start during which other
+    processes took more than `max_others` of a core is done again, up to `retries` times, and the
+    least disturbed attempt is kept."""
+    times, rss, others = [], [], []
+    argv: list = []
+    repeated = 0
+    log_path = workdir / f"startup-{name.replace(' ', '_')}.log"
+    for _ in range(starts):
+        best: Optional[tuple] = None
+        for attempt in range(1 + retries):
+            port = free_port()
+            argv, env = make(port)
+            result = start_once(name, argv, env, port, cpu, context, log_path)
+            if best is None or result[1] < best[1]:
+                best = result
+            if result[1] <= max_others:
+                break
+        repeated += attempt                     # attempts beyond the first
+        times.append(best[0])
+        others.append(best[1])
+        rss.append(best[2])
+    return {"name": name, "command": shlex.join(argv), "startup_ms": times, "rss_mb": rss,
+            "startup_ms_median": statistics.median(times), "rss_mb_median": statistics.median(rss),
+            "other_load": others, "repeated": repeated}
+
+
+# -- idle connections and watches held at once ---------------------------------------------
+
+def open_held(context: ssl.SSLContext, port: int, path: str, count: int, into: list,
+              first_chunk: bool) -> tuple:
+    """Open `count` TLS connections one after another, each with one GET answered 200 (a watch: its
+    first event chunk received), and keep them open in `into`.  (seconds each, error or None)."""
+    request = request_bytes(port, path, {})
+    took: list = []
+    for n in range(count):
+        started = time.perf_counter()
+        raw: Optional[socket.socket] = None
+        sock: Optional[ssl.SSLSocket] = None
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=HELD_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            into.append(sock)                   # from here on the caller closes it
+            answer = exchange(sock, request, first_chunk)
+        except (OSError, ssl.SSLError, ValueError) as error:
+            if sock is None and raw is not None:
+                raw.close()
+            return took, f"connection {n + 1} of {count}: {error!r}"
+        if answer["status"] != 200 or (first_chunk and b'"type"' not in answer["body"]):
+            return took, f"connection {n + 1} of {count}: HTTP {answer['status']} {answer['body'][:200]!r}"
+        took.append(time.perf_counter() - started)
+    return took, None
+
+
+def count_open(socks: list) -> int:
+    """How many of these connections the server still holds open: not hung up, and any bytes that
+    arrived meanwhile are data (a watch event), not a TLS close."""
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        by_fd[sock.fileno()] = sock
+        poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    closed = 0
+    for fd, events in poller.poll(0):
+        sock = by_fd[fd]
+        if events & (select.POLLHUP | select.POLLERR | select.POLLRDHUP):
+            closed += 1
+            continue
+        sock.setblocking(False)
+        try:
+            if not sock.recv(65536):
+                closed += 1
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass                                # a TLS record without application data
+        except OSError:
+            closed += 1
+        finally:
+            sock.settimeout(HELD_TIMEOUT)
+    return len(socks) - closed
+
+
+def timed_gets(context: ssl.SSLContext, port: int, path: str, count: int) -> list:
+    """Seconds for each of `count` GETs, each on a new TLS connection (connect + handshake + answer)."""
+    took = []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = https_get(context, port, path, {}, timeout=30.0)
+        if answer["status"] != 200:
+            raise BenchError(f"GET {path} answered {answer['status']} while connections were held")
+        took.append(time.perf_counter() - started)
+    return took
+
+
+def hold_test(server: Server, context: ssl.SSLContext, idle: int, watches: int, probes: int) -> dict:
+    """RSS of a freshly started server (one request done), with `idle` keep-alive connections each
+    answered once, and with `watches` watches each past its first event besides; then, with all of
+    them open, `probes` new clients' GET of the object and of /livez."""
+    pid = server.process.pid
+    out: dict = {"idle": idle, "watches": watches}
+    socks: list = []
+    all_before, server_before, own_before = task_ticks(), proc_cpu_ticks(pid), sum(os.times()[:2])
+    hold_started = time.perf_counter()
+    try:
+        out["rss_before_kb"] = settled_rss_kb(pid)
+        out["threads_before"] = proc_status(pid)["Threads"]
+        started = time.perf_counter()
+        took, error = open_held(context, server.port, VERSUS_ROUTES["object"][0], idle, socks, False)
+        out["idle_opened"], out["idle_open_s"] = len(took), time.perf_counter() - started
+        out["idle_each_ms"] = [t * 1000 for t in took]
+        if error:
+            out["error"] = f"idle {error}"
+            return out
+        out["rss_idle_kb"] = settled_rss_kb(pid)
+        if watches:
+            started = time.perf_counter()
+            took, error = open_held(context, server.port, WATCH_PATH, watches, socks, True)
+            out["watches_opened"], out["watches_open_s"] = len(took), time.perf_counter() - started
+            out["watch_each_ms"] = [t * 1000 for t in took]
+            if error:
+                out["error"] = f"watch {error}"
+                return out
+            out["rss_watches_kb"] = settled_rss_kb(pid)
+        out["threads_held"] = proc_status(pid)["Threads"]
+        out["new_client_ms"] = [t * 1000 for t in timed_gets(context, server.port, VERSUS_ROUTES["object"][0],
+                                                            probes)]
+        out["livez_ms"] = [t * 1000 for t in timed_gets(context, server.port, "/livez", probes)]
+        out["still_open"] = count_open(socks)
+        out["held"] = len(socks)
+        return out
+    except (OSError, ssl.SSLError, BenchError) as error:
+        out["error"] = repr(error)
+        return out
+    finally:
+        out.setdefault("held", len(socks))
+        if server.alive():                      # as in Runner.run, over the whole hold
+            foreign = ((task_ticks() - all_before - (proc_cpu_ticks(pid) - server_before)) / CLK_TCK
+                       - (sum(os.times()[:2]) - own_before))
+            out["other_load"] = max(0.0, foreign) / (time.perf_counter() - hold_started)
+        for sock in socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+# -- the report --------------------------------------------------------------------------------
+
+def median_of(runs: list, pick: Callable[[dict], Optional[float]]) -> Optional[float]:
+    values = [v for v in (pick(run) for run in runs) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list) -> dict:
+    """(route, connections, server) -> medians over the rounds (req/s, p50, p99 separately)."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault((run["route"], run["connections"], run["server"]), []).append(run)
+    out = {}
+    for key, group in groups.items():
+        rps = [run["rps"] for run in group]
+        out[key] = {"rps": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps), "runs": len(group),
+                    # A run that completed no request has no latency (wrk prints 0.00us).
+                    "p50": median_of(group, lambda r: r["latency_s"].get("p50") if r["requests"] else None),
+                    "p99": median_of(group, lambda r: r["latency_s"].get("p99") if r["requests"] else None),
+                    "errors": sum(run["errors"] for run in group),
+                    "error_detail": [fmt_errors(run) for run in group if run["errors"]],
+                    "cpu_us": median_of(group, lambda r: r["server_cpu_us_per_req"]),
+                    "core": median_of(group, lambda r: r["server_core_busy"]),
+                    "gen_core": median_of(group, lambda r: r["generator_core_busy"]),
+                    "other_load": max(run["other_load"] for run in group),
+                    "peak_rss_mb": max(run["peak_rss_mb"] for run in group)}
+    return out
+
+
+def ratio(value: Optional[float], base: Optional[float], digits: int = 2) -> str:
+    return "-" if not value or not base else f"{value / base:.{digits}f}"
+
+
+def print_versus(summary: dict, servers: list, gin: str) -> None:
+    rows = []
+    for route, connections in VERSUS_CONFIGS:
+        gin_object = summary.get(("object", connections, gin))
+        for name in servers:
+            entry = summary.get((route, connections, name))
+            if entry is None:
+                continue
+            own_object = summary.get(("object", connections, name))
+            rows.append([f"{ROUTE_TITLES[route]} c{connections}", name, f"{entry['rps']:,.0f}",
+                         f"{entry['rps_min']:,.0f}–{entry['rps_max']:,.0f}",
+                         ratio(entry["rps"], gin_object and gin_object["rps"]),
+                         "-" if route == "object" else ratio(entry["rps"], own_object and own_object["rps"]),
+                         fmt_latency(entry["p50"]), fmt_latency(entry["p99"]),
+                         ratio(entry["p99"], gin_object and gin_object["p99"], 1) if route == "object" else "-",
+                         str(entry["errors"]), "-" if entry["cpu_us"] is None else f"{entry['cpu_us']:.0f}",
+                         fmt_share(entry["core"]), fmt_share(entry["gen_core"]), fmt_share(entry["other_load"]),
+                         f"{entry['peak_rss_mb']:.1f}"])
+    print(table(rows, ["config", "server", "req/s", "min–max", "×gin", "×own object", "p50", "p99", "p99 ×gin",
+                       "errors", "srv CPU us/req", "srv core", "wrk core", "others", "peak RSS MB"],
+                "llrrrrrrrrrrrrr"))
+
+
+def fmt_ms_spread(values: list) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.1f} / {max(values):.1f}"
+
+
+def print_holds(holds: list) -> None:
+    rows = []
+    for name, held in holds:
+        before, idle_kb, watch_kb = held.get("rss_before_kb"), held.get("rss_idle_kb"), held.get("rss_watches_kb")
+        per_idle = (idle_kb - before) * 1024 / held["idle"] if before and idle_kb else None
+        per_watch = (watch_kb - idle_kb) * 1024 / held["watches"] if idle_kb and watch_kb else None
+        opened = f"{held.get('idle_opened', 0)}/{held['idle']}"
+        if held["watches"]:
+            opened += f" + {held.get('watches_opened', 0)}/{held['watches']}"
+        rows.append([name, opened,
+                     "-" if before is None else f"{before / 1024:.1f}",
+                     "-" if idle_kb is None else f"{idle_kb / 1024:.1f}",
+                     "-" if watch_kb is None else f"{watch_kb / 1024:.1f}",
+                     "-" if per_idle is None else f"{per_idle / 1024:.1f}",
+                     "-" if per_watch is None else f"{per_watch / 1024:.1f}",
+                     f"{held.get('threads_before', '-')} → {held.get('threads_held', '-')}",
+                     fmt_ms_spread(held.get("new_client_ms", [])), fmt_ms_spread(held.get("livez_ms", [])),
+                     "-" if "still_open" not in held else f"{held['still_open']}/{held['held']}",
+                     fmt_share(held.get("other_load"))])
+    print(table(rows, ["server", "held (idle + watches)", "RSS before MB", "+idle MB", "+watches MB",
+                       "KB/idle conn", "KB/watch", "threads", "new client ms (med / max)",
+                       "/livez ms (med / max)", "still open", "others"], "llrrrrrrrrrr"))
+    for name, held in holds:
+        opening = [f"{name}: opened {held.get('idle_opened', 0)} idle in {held.get('idle_open_s', 0):.1f} s "
+                   f"(each {fmt_ms_spread(held.get('idle_each_ms', []))} ms med / max)"]
+        if held["watches"]:
+            opening.append(f"{held.get('watches_opened', 0)} watches in {held.get('watches_open_s', 0):.1f} s "
+                           f"(each {fmt_ms_spread(held.get('watch_each_ms', []))} ms)")
+        print("  " + ", ".join(opening) + (f"; FAILED: {held['error']}" if held.get("error") else ""))
+
+
+def print_startups(startups: list, targets: tuple) -> None:
+    ms_target, mb_target = targets
+    rows = []
+    for entry in startups:
+        ms, mb = entry["startup_ms_median"], entry["rss_mb_median"]
+        verdict = "" if not entry["name"].startswith("reqapi") else (
+            f"{'meets' if ms < ms_target else 'misses'} < {ms_target:g} ms, "
+            f"{'meets' if mb < mb_target else 'misses'} < {mb_target:g} MB")
+        rows.append([entry["name"], f"{ms:.0f}", f"{min(entry['startup_ms']):.0f}–{max(entry['startup_ms']):.0f}",
+                     f"{mb:.1f}", f"{min(entry['rss_mb']):.1f}–{max(entry['rss_mb']):.1f}",
+                     fmt_share(max(entry["other_load"])), verdict])
+    print(table(rows, ["server (as started)", "exec → 200 /livez ms", "min–max", "settled VmRSS MB", "min–max",
+                       "others", "targets"], "lrrrrrl"))
+
+
+@dataclass
+class Versus:
+    """What the three parts of --versus-gin share."""
+    args: argparse.Namespace
+    workdir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    context: ssl.SSLContext             # a client that trusts `ca`
+    rules: Path                         # RULES, for the throughput and held servers
+    body_file: Path                     # the bytes gin serves: reqapi's answer to the object GET
+    gin_binary: str
+    pythons: list
+    srv_cpu: Optional[int]
+    gen_cpu: Optional[int]
+    results: dict
+    servers: dict = field(default_factory=dict)      # label -> Server, running; stopped at the end in any case
+    content_type: str = ""
+
+
+def versus_startups(v: Versus) -> list:
+    """Part 1: start-up and settled RSS as the image starts reqapi (and gin, for reference)."""
+    args = v.args
+    print(f"\n[1/3] start-up: {args.starts} starts each, exec → first 200 on /livez, then VmRSS once settled")
+    startups = []
+    for interpreter in v.pythons:
+        for no_site in (False, True):
+            name = f"{interpreter.label}{' -S' if no_site else ''}"
+            entry = measure_startups(
+                name, lambda port, p=interpreter.path, s=no_site: image_command(p, v.cert, v.key, port, s),
+                v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+            startups.append(entry)
+            print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
+                  f"({entry['command']})")
+    # gin's body file is a placeholder here: /livez is what is asked.
+    v.body_file.write_bytes(b"{}")
+    gin_env = {**os.environ, "GOMAXPROCS": "1"}
+    entry = measure_startups(
+        "gin", lambda port: ([v.gin_binary, "-addr", f"127.0.0.1:{port}", "-cert", str(v.cert), "-key", str(v.key),
+                              "-body", str(v.body_file)], gin_env),
+        v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+    startups.append(entry)
+    print(f"  gin: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB")
+    return startups
+
+
+def versus_throughput(v: Versus) -> list:
+    """Part 2: every reqapi and gin up at once (the idle ones cost nothing measurable), gin serving
+    the bytes reqapi answered, then the rounds; returns the server labels in table order."""
+    args = v.args
+    print(f"\n[2/3] throughput: {', '.join(f'{ROUTE_TITLES[r]} c{c}' for r, c in VERSUS_CONFIGS)}")
+    for interpreter in v.pythons:
+        server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, args.extra, v.srv_cpu,
+                        python=interpreter.path, name=interpreter.label.replace(" ", "-"))
+        v.servers[interpreter.label] = server
+        server.start(v.context, "/livez")
+    first = v.servers[v.pythons[0].label]
+    reference = https_get(v.context, first.port, VERSUS_ROUTES["object"][0], {})
+    if reference["status"] != 200:
+        raise BenchError(f"reqapi answered the object GET with {reference['status']}: {reference['body'][:300]!r}")
+    v.content_type = reference["headers"].get("content-type", "")
+    v.body_file.write_bytes(reference["body"])
+    gin = GinServer(v.workdir, v.gin_binary, v.cert, v.key, v.body_file, v.content_type, v.srv_cpu)
+    v.servers["gin"] = gin
+    gin.start(v.context, VERSUS_ROUTES["object"][0])
+    print(f"  gin: {gin.check_gomaxprocs()}, release mode, no logger: {shlex.join(gin.command)}")
+    for label, server in v.servers.items():
+        answers = {route: https_get(v.context, server.port, path, headers)
+                   for route, (path, headers) in VERSUS_ROUTES.items() if server is not gin or route == "object"}
+        obj = answers["object"]
+        same = obj["body"] == reference["body"] and obj["headers"].get("content-type") == v.content_type
+        if server is gin and not same:
+            raise BenchError(f"gin's answer differs from reqapi's: {obj['headers']} {obj['body'][:200]!r}")
+        routes = ", ".join(f"{route} {a['status']} ({len(a['body'])} B)" for route, a in answers.items())
+        print(f"  {label}: {server.tls}; object head {obj['head_bytes']} B + body {len(obj['body'])} B "
+              f"{obj['headers'].get('content-type')}{' (the bytes gin serves)' if server is first else ''}"
+              f"{', identical body' if server is gin else ''}; {routes}")
+        bad = [route for route, a in answers.items() if a["status"] != 200]
+        if bad:
+            raise BenchError(f"{label} does not answer 200 on {', '.join(bad)}")
+    v.results["object_body_bytes"] = len(reference["body"])
+    v.results["commands"] = {label: server.command for label, server in v.servers.items()}
+    runners = {label: Runner(server, "wrk", v.ca, v.gen_cpu, v.srv_cpu, v.workdir)
+               for label, server in v.servers.items()}
+    if args.warmup > 0:
+        for runner in runners.values():
+            runner.run("object", 16, args.warmup, VERSUS_ROUTES["object"])
+            time.sleep(PAUSE)
+    labels = list(v.servers)
+    v.results["repeated_runs"] = 0
+    for round_no in range(args.rounds):
+        for route, connections in VERSUS_CONFIGS:
+            taking = [label for label in labels if route == "object" or v.servers[label] is not gin]
+            shift = round_no % len(taking)
+            for label in taking[shift:] + taking[:shift]:
+                best: Optional[dict] = None
+                for attempt in range(1 + args.retries):
+                    run = runners[label].run(route, connections, args.duration, VERSUS_ROUTES[route])
+                    run.pop("raw", None)
+                    run.update({"server": label, "round": round_no + 1, "attempt": attempt + 1})
+                    lat = run["latency_s"]
+                    disturbed = run["other_load"] > args.max_others
+                    print(f"  round {round_no + 1}/{args.rounds} {ROUTE_TITLES[route]} c{connections} {label}: "
+                          f"{run['rps']:,.0f} req/s, p50 {fmt_latency(lat.get('p50'))}, p99 "
+                          f"{fmt_latency(lat.get('p99'))}, errors {fmt_errors(run)}, others "
+                          f"{fmt_share(run['other_load'])}"
+                          + (" (disturbed: again)" if disturbed and attempt < args.retries else ""))
+                    if best is None or run["other_load"] < best["other_load"]:
+                        best = run
+                    time.sleep(PAUSE)
+                    if not disturbed:
+                        break
+                v.results["runs"].append(best)
+                v.results["repeated_runs"] += attempt          # attempts beyond the first
+    for server in v.servers.values():
+        server.stop()
+    return labels
+
+
+def versus_holds(v: Versus) -> list:
+    """Part 3: a fresh server each, allowed enough descriptors (and, on the thread-per-connection
+    transport, enough --max-connections) to hold every connection; [(label, hold_test's dict)]."""
+    args = v.args
+    held_total = args.idle_connections + args.watches
+    print(f"\n[3/3] held at once: {args.idle_connections} idle keep-alive TLS connections (one GET each) + "
+          f"{args.watches} watches ({WATCH_PATH}, first event received); then {args.probes} new clients")
+    holds = []
+    limit_fds = held_total + 1024
+    for interpreter in v.pythons:
+        extra = list(args.extra)
+        if "--max-connections" in reqapi_flags(interpreter.path):
+            extra += ["--max-connections", str(held_total + 2 * args.probes + 64)]
+        server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, extra, v.srv_cpu, python=interpreter.path,
+                        nofile=limit_fds, name=interpreter.label.replace(" ", "-") + "-held")
+        v.servers[server.name] = server
+        server.start(v.context, VERSUS_ROUTES["object"][0])
+        try:
+            held = hold_test(server, v.context, args.idle_connections, args.watches, args.probes)
+        finally:
+            exit_code = server.stop()
+        held.update({"command": server.command, "exit_code": exit_code})
+        holds.append((interpreter.label, held))
+        print(f"  {interpreter.label}: {held.get('error') or 'all held'} ({shlex.join(server.command)})")
+    gin = GinServer(v.workdir, v.gin_binary, v.cert, v.key, v.body_file, v.content_type, v.srv_cpu, nofile=limit_fds)
+    v.servers["gin-held"] = gin
+    gin.start(v.context, VERSUS_ROUTES["object"][0])
+    try:
+        held = hold_test(gin, v.context, args.idle_connections, 0, args.probes)
+    finally:
+        gin.stop()
+    holds.append(("gin", held))
+    print(f"  gin: {held.get('error') or 'all held'} (idle connections only: it serves no watch)")
+    return holds
+
+
+def print_versus_report(v: Versus, labels: list, holds: list, startups: list) -> None:
+    """The three tables together, each with what its columns mean."""
+    args, results = v.args, v.results
+    summary = summarise(results["runs"])
+    results["summary"] = [{"route": k[0], "connections": k[1], "server": k[2], **e} for k, e in summary.items()]
+    print(f"\n== Throughput: medians of {args.rounds} rounds of {args.duration:g} s (req/s, p50 and p99 "
+          f"each the median) ==")
+    print_versus(summary, labels, "gin")
+    print("×gin = req/s ÷ gin's object GET at the same connections (the same rounds); ×own object = req/s ÷ "
+          "the same server's\nobject GET at the same connections; p99 ×gin = p99 ÷ gin's p99 (above 1: slower); "
+          "errors = wrk's socket errors + non-2xx,\nsummed over the rounds; srv CPU = the server's utime+stime "
+          f"per request; srv core / wrk core = busy share of CPU {v.srv_cpu} / {v.gen_cpu}; others = the most CPU\n"
+          "(share of one core) that other processes on this machine used during one of the runs: above a few "
+          f"% the figures are disturbed; {results['repeated_runs']} runs were done again because "
+          f"others exceeded {fmt_share(args.max_others)} (--max-others), the least disturbed attempt kept.")
+    disturbed = [run for run in results["runs"] if run["other_load"] > args.max_others]
+    if disturbed:
+        print(f"WARNING: {len(disturbed)} of the {len(results['runs'])} runs kept were disturbed (others above "
+              f"{fmt_share(args.max_others)} even after {args.retries} more attempts): other processes shared "
+              f"these cores, so these figures\nare not comparable with a quiet run's; the ratios to gin (same "
+              f"rounds) suffer least.")
+    print("\n== Held at once (fresh server each; RSS = VmRSS once settled) ==")
+    print_holds(holds)
+    print(f"KB/idle conn = (+idle - before) ÷ {args.idle_connections}; KB/watch = (+watches - +idle) ÷ "
+          f"{args.watches}; new client = connect + TLS handshake + GET of the object on a new connection, "
+          f"{args.probes} times,\nwith everything held; still open = held connections the server had not "
+          f"closed at the end; others = as above, over the whole hold.")
+    print(f"\n== Start-up as the image starts it (median of {args.starts}; Dockerfile ENTRYPOINT and ENV, "
+          "the Deployment's --cert/--key/--rules/--port) ==")
+    print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
+    print("-S = the same command with python -S: no site-packages start-up hooks (this machine's "
+          "interpreters have some; the distroless image has none);\nothers = as above, the most over the starts, "
+          f"from exec to the answer; {sum(e['repeated'] for e in startups)} starts were done again because others "
+          f"exceeded {fmt_share(args.max_others)}.")
+    for entry in startups:
+        if entry["name"].startswith("reqapi") and not entry["name"].endswith(" -S"):
+            print(f"  {entry['name']}: {entry['command']}")
+    print(f"\nload average at the end: {load_average()}")
+
+
+def versus_gin(args: argparse.Namespace) -> int:
+    """The side-by-side benchmark of issue 11 (see the section comment above): check what it needs,
+    print the set-up, run the three parts, print the report."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    if not shutil.which("wrk"):
+        print("bench: --versus-gin drives both servers with wrk, which is not installed here; install it "
+              "(Debian: apt-get install -y wrk) and run again", file=sys.stderr)
+        return 1
+    held_total = args.idle_connections + args.watches
+    nofile = raise_nofile(held_total + 1024)           # this process holds them all, plus probes and files
+    if nofile < held_total + 64:
+        print(f"bench: RLIMIT_NOFILE is {nofile}, too low to hold {held_total} connections; raise the hard limit",
+              file=sys.stderr)
+        return 1
+    try:
+        pythons, notes = resolve_interpreters(args.python)
+        gin_binary = build_gin()
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    srv_cpu, gen_cpu, pin_how = choose_cpus(args.no_pin)
+    if gen_cpu is not None:
+        os.sched_setaffinity(0, {gen_cpu})      # this harness (probes, held connections) on wrk's core
+    machine = machine_info()
+    said = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    machine["wrk"] = ((said.stdout or said.stderr).strip().splitlines() or ["wrk"])[0].split(" Copyright")[0]
+    print("reqapi versus Go/gin (issue 11)")
+    print(f"  machine     : {machine['cpu_model']}, {machine['cores']} cores, {machine.get('os', '?')}, kernel "
+          f"{machine['kernel']}, load average {machine.get('loadavg_at_start', '?')}")
+    for interpreter in pythons:
+        print(f"  python      : {interpreter.version} {interpreter.path} ({interpreter.openssl})")
+    for note in notes:
+        print(f"  python      : {note}")
+    print("  pinning     : " + (f"servers on CPU {srv_cpu}, wrk and this harness on CPU {gen_cpu} ({pin_how})"
+                                 if srv_cpu is not None else pin_how))
+    print(f"  load        : {machine['wrk']}: wrk -t1 -cN -d{args.duration:g}s --latency --timeout "
+          f"{REQUEST_TIMEOUT:g}s, keep-alive; {args.rounds} rounds (server order rotated every round), "
+          f"{PAUSE:g} s pause, a {args.warmup:g} s warm-up per server")
+    print(f"  reqapi      : log level {args.log_level or 'the default (a line per request, to a file)'}"
+          + (f", extra flags {shlex.join(args.extra)}" if args.extra else ""))
+
+    workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-versus-"))
+    results: dict = {"machine": machine, "config": {
+        "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
+        "pythons": [p._asdict() for p in pythons], "idle_connections": args.idle_connections,
+        "watches": args.watches, "starts": args.starts, "max_others": args.max_others, "retries": args.retries,
+        "pinning": {"server_cpu": srv_cpu, "generator_cpu": gen_cpu, "how": pin_how}}, "runs": []}
+    v: Optional[Versus] = None
+    code = 0
+    try:
+        ca, cert, key = make_certificates(workdir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(ca))
+        rules = workdir / "rules.json"
+        rules.write_text(json.dumps(RULES, indent=2))
+        print(f"  certificate : ECDSA P-256 for IP:127.0.0.1 from a throwaway CA ({cert.name}); the same files "
+              f"for every server")
+        v = Versus(args, workdir, ca, cert, key, context, rules, workdir / "object-body.json", gin_binary, pythons,
+                   srv_cpu, gen_cpu, results)
+        # Start-up first, while no server of this bench runs.
+        startups = results["startups"] = versus_startups(v)
+        labels = versus_throughput(v)
+        holds = versus_holds(v)
+        results["holds"] = {name: held for name, held in holds}
+        print_versus_report(v, labels, holds, startups)
+    except BenchError as error:
+        print(f"\nbench: {error}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        code = 130
+    finally:
+        for server in (v.servers.values() if v else ()):
+            server.stop()
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+                print(f"raw results: {args.json}")
+            except OSError as error:
+                print(f"bench: cannot write {args.json}: {error}", file=sys.stderr)
+        if args.keep:
+            print(f"kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -920,6 +1769,7 @@ def parse_args(argv: list) -> argparse.Namespace:
                "  python3 tests/bench.py --quick\n"
                "  python3 tests/bench.py --generator python --routes object --connections 16\n"
                "  python3 tests/bench.py --server-args='--max-connections 512' --log-level warning\n"
+               "  python3 tests/bench.py --versus-gin                  # ~12 min; --duration 2 --rounds 1 to try it\n"
                "exit status: 0 done, 1 the server failed to start or died, 2 bad options.")
     parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 10; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="2 s runs and a 1 s warm-up")
@@ -951,6 +1801,28 @@ def parse_args(argv: list) -> argparse.Namespace:
                              "minute, and GET latency with history on and off")
     parser.add_argument("--history-pods", type=int, default=2000, help="pods for --history (default 2000)")
     parser.add_argument("--history-days", type=int, default=2, help="completed days for --history (default 2)")
+    versus = parser.add_argument_group(
+        "--versus-gin (issue 11)",
+        "instead: reqapi beside Go/gin (tests/bench_gin, built by its build.sh; needs Go and wrk) in the same "
+        "runs: object GET at 16 and 256 connections, Table list and discovery at 256, over --rounds rounds; "
+        "then connections and watches held at once; then start-up and idle RSS as the image starts reqapi")
+    versus.add_argument("--versus-gin", action="store_true", help="run this comparison")
+    versus.add_argument("--rounds", type=int, default=3, help="rounds, server order rotated each (default 3)")
+    versus.add_argument("--python", action="append", default=[], metavar="PATH",
+                        help="interpreter for reqapi; repeat for several (default: this Python and a Python 3.13 "
+                             "if one is found)")
+    versus.add_argument("--idle-connections", type=int, default=1000,
+                        help="idle keep-alive connections held at once (default 1000)")
+    versus.add_argument("--watches", type=int, default=500, help="watches held besides (default 500)")
+    versus.add_argument("--probes", type=int, default=5,
+                        help="new clients timed while they are held, for the object and /livez (default 5)")
+    versus.add_argument("--starts", type=int, default=5, help="process starts for the start-up figures (default 5)")
+    versus.add_argument("--max-others", type=float, default=0.15, metavar="SHARE",
+                        help="a run or start during which other processes on this machine took more than this "
+                             "share of one core is done again (default 0.15)")
+    versus.add_argument("--retries", type=int, default=2,
+                        help="how many times a disturbed run or start is done again; the least disturbed attempt "
+                             "is kept (default 2)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen:
@@ -963,6 +1835,10 @@ def parse_args(argv: list) -> argparse.Namespace:
         args.warmup = 1.0 if args.quick else 2.0
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be > 0 and --warmup >= 0")
+    if min(args.rounds, args.idle_connections, args.probes, args.starts) < 1 or min(args.watches, args.retries) < 0:
+        parser.error("--rounds, --idle-connections, --probes and --starts must be >= 1, --watches and --retries >= 0")
+    if args.versus_gin and not (float(args.duration).is_integer() and float(args.warmup).is_integer()):
+        parser.error("--versus-gin: --duration and --warmup in whole seconds (wrk takes no fractions)")
     try:
         args.connection_counts = [int(part) for part in args.connections.split(",") if part.strip()]
     except ValueError:
@@ -1212,6 +2088,8 @@ def main(argv: list) -> int:
         return through_apiserver(args)
     if args.history:
         return history_bench(args)
+    if args.versus_gin:
+        return versus_gin(args)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # progress lines show up as runs finish
     if not REQAPI.exists():
