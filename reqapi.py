@@ -80,6 +80,7 @@ if __name__ == "__main__":
         signal.signal(_signum, lambda signum, frame: _early_signals.append(signum))
 
 import argparse
+import array
 import base64
 import binascii
 import bisect
@@ -454,6 +455,38 @@ _EXAMPLE_QUANTITY = types.MappingProxyType({
 })
 
 
+# What a rules file costs, estimated before it is compiled, and what reqapi accepts.  Measured with
+# tracemalloc on CPython 3.11, 3.12 and 3.13 (`python3 tests/bench.py --memory` prints the figures):
+# a compiled rule keeps 500-720 bytes (its Rule, its Prediction, its branch of a lane, its entry
+# among the named workloads) plus 4.6-6.1 bytes per character of its id and globs, and a rules
+# file a few KB whatever its size.  RULE_BYTES, RULE_CHAR_BYTES and RULES_BASE_BYTES are above every
+# shape measured (exact names, prefixes, suffixes, several "*", classes; 1 to 10,500 rules; short
+# and 250-character names): the rules keep 44-94 % of the estimate.
+# Loading takes more for a moment: the decoded JSON (~6 bytes per byte of the file), the checked
+# rules and up to ~3 MB to compile one lane.  A load's peak measured 1.6-2.0x the estimate near
+# the limit (10,500 rules), up to 6.4x for 1,000 rules where compiling a lane counts most; the
+# tests hold it below 3x the estimate + 4 MiB.  The rules that serve stay while a new file loads.
+# RULES_MAX_BYTES admits ~11,000 rules of the usual shape (~750 bytes estimated: a 10-character id,
+# globs such as "team-a-*"): serving them keeps at most 8 MiB, and a reload at the limit needs
+# ~16 MiB more for a moment.  RULES_MAX_FILE_BYTES refuses a file before it is decoded: 4 MiB of
+# compact JSON holds ~40,000 short rules, far above the limit, so no file it refuses could fit.
+RULE_BYTES = 550
+RULE_CHAR_BYTES = 7
+RULES_BASE_BYTES = 64 * 1024
+RULES_MAX_BYTES = 8 * 1024 * 1024
+RULES_MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+def rules_memory(count: int, characters: int) -> int:
+    """Estimated bytes that `count` rules with `characters` characters of ids and globs keep."""
+    return RULES_BASE_BYTES + count * RULE_BYTES + characters * RULE_CHAR_BYTES
+
+
+def size_text(size: int) -> str:
+    """A size for people: "512 KiB", "8.0 MiB"."""
+    return f"{size / 1024:.0f} KiB" if size < 1024 * 1024 else f"{size / (1024 * 1024):.1f} MiB"
+
+
 class RulesError(ValueError):
     """A refused rules file. str(e) = "<file>: <json path>: <what was wrong>; for example <right value>"."""
 
@@ -465,7 +498,7 @@ class RulesError(ValueError):
         super().__init__(f"{source}: {self.path}: {problem}; for example {example}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     cpu: str      # canonical quantity, e.g. "500m"
     memory: str   # canonical quantity, e.g. "512Mi"
@@ -475,13 +508,13 @@ class Prediction:
     explanation: Optional["Explanation"] = None      # how history was used (see predict_with_history)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Amounts:
     cpu: int | None      # whole millicores; None = not set
     memory: int | None   # whole Mi; None = not set
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     id: str
     namespace: str       # glob, "*" when absent in the file
@@ -499,12 +532,14 @@ class Rules:
     rules: tuple[Rule, ...]
     source: str          # file path or "built-in default"
     digest: str          # sha256 hex of the canonical meaning (see _digest)
+    memory: int = dataclasses.field(compare=False)   # estimated bytes they keep (rules_memory)
     # Precompiled lookup (see _build_lanes): lanes for rules with an exact namespace, by
     # namespace, and lanes for the rest. _predictions[k] is the clamped answer of rules[k].
     _by_namespace: types.MappingProxyType = dataclasses.field(repr=False, compare=False)
     _wild: tuple["_Lane", ...] = dataclasses.field(repr=False, compare=False)
     _predictions: tuple[Prediction, ...] = dataclasses.field(repr=False, compare=False)
     _fallback: Prediction = dataclasses.field(repr=False, compare=False)
+    _compiled: bool = dataclasses.field(default=True, repr=False, compare=False)   # False: no lanes, see without_lanes
 
     def predict(self, namespace: str, name: str) -> Prediction:
         """Requests for workload `name` in `namespace`: pure, no parsing, a few regex matches."""
@@ -512,17 +547,31 @@ class Rules:
             # f-strings below would turn None into "None", which a "*" glob happily matches.
             raise TypeError(f"Rules.predict() needs str namespace and name, got {type(namespace).__name__} "
                             f"and {type(name).__name__}")
+        if not self._compiled:
+            return self._scan(namespace, name)
         best = -1
         for lanes in (self._by_namespace.get(namespace, ()), self._wild):
             for lane in lanes:
                 if best != -1 and lane.first > best:
-                    continue   # every rule in this lane comes after the winner so far
+                    break      # lanes are in order of their first rule: none from here on can win
                 match = lane.pattern.fullmatch(_lane_key(lane.layout, namespace, name))
                 if match is not None:
                     index = lane.indexes[match.lastindex - 1]
                     if best == -1 or index < best:
                         best = index
         return self._fallback if best == -1 else self._predictions[best]
+
+    def without_lanes(self) -> "Rules":
+        """The same rules without their compiled lanes, for a rules generation that no longer serves
+        (RulesHistory keeps it for continue tokens and watches): predict() then tries the rules one
+        by one with glob_match, slower but needing no memory of its own."""
+        return dataclasses.replace(self, _by_namespace=types.MappingProxyType({}), _wild=(), _compiled=False)
+
+    def _scan(self, namespace: str, name: str) -> Prediction:
+        for index, rule in enumerate(self.rules):
+            if glob_match(rule.namespace, namespace) and glob_match(rule.name, name):
+                return self._predictions[index]
+        return self._fallback
 
 
 class _JSONObject(dict):
@@ -680,20 +729,34 @@ def _bad_char_reason(glob: str, char: str, position: int, kind: _NameKind) -> st
     return f"the glob {_quote(glob)} can never match a valid {kind.noun}: {where}; {why}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Glob:
-    text: str
-    parts: tuple[tuple[str, str | None], ...]   # per glob token: regex fragment (no groups), literal char or None
+    text: str                 # a valid glob: its tokens are _glob_tokens(text)
     exact: bool               # no wildcard at all
     lead: int                 # literal/class tokens before the first wildcard: how well the
     trail: int                # start (end) of a key can reject this glob on its first character
 
-    def tokens(self, reverse: bool = False) -> tuple[tuple[str, str | None], ...]:
-        return self.parts[::-1] if reverse else self.parts
+
+def _glob_tokens(glob: str) -> list[str]:
+    """The tokens of a glob that _parse_glob accepted: "*" ("**" is one: it matches the same
+    names), "?", a class as written ("[a-c]", "[!x]"), or a literal character."""
+    tokens: list[str] = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "[":
+            close = glob.index("]", i + 2)        # a valid class holds at least one character
+            tokens.append(glob[i:close + 1])
+            i = close + 1
+            continue
+        if c != "*" or not tokens or tokens[-1] != "*":
+            tokens.append(c)
+        i += 1
+    return tokens
 
 
-def _glob_regex(glob: str, kind: _NameKind) -> _Glob:
-    """Translate a shell glob into per-token regex fragments (no groups).
+def _parse_glob(glob: str, kind: _NameKind) -> _Glob:
+    """Split a shell glob into its tokens, validated.
 
     Refuses globs that are malformed or can never match a valid Kubernetes name: that is
     always a typo, and silently never matching is the worst way to find out.
@@ -701,19 +764,16 @@ def _glob_regex(glob: str, kind: _NameKind) -> _Glob:
     if glob == "":
         raise _GlobProblem(f"the {kind.key} glob is empty, which matches no {kind.noun}; "
                            f'leave "{kind.key}" out (or write "*") to match every {kind.noun}')
-    parts: list[tuple[str, str | None]] = []
-    tokens: list[str] = []     # "*", "?", "[" or the literal character, to reason about shape
+    tokens: list[str] = []
     i, n = 0, len(glob)
     while i < n:
         c = glob[i]
         if c == "*":
-            if not tokens or tokens[-1] != "*":   # "**" == "*"; avoids needless backtracking
+            if not tokens or tokens[-1] != "*":   # "**" == "*"
                 tokens.append("*")
-                parts.append(("[^\\x00]*", None))
             i += 1
         elif c == "?":
             tokens.append("?")
-            parts.append(("[^\\x00]", None))
             i += 1
         elif c == "[":
             start = i + 1
@@ -728,7 +788,7 @@ def _glob_regex(glob: str, kind: _NameKind) -> _Glob:
             if not body:
                 raise _GlobProblem(f"the glob {_quote(glob)} has an empty character class "
                                    f"{_quote(glob[i:close + 1])} at position {i + 1}, which matches nothing")
-            items, k = [], 0
+            k = 0
             while k < len(body):
                 if k + 2 < len(body) and body[k + 1] == "-":
                     lo, hi = body[k], body[k + 2]
@@ -740,35 +800,30 @@ def _glob_regex(glob: str, kind: _NameKind) -> _Glob:
                         raise _GlobProblem(f"the glob {_quote(glob)} has the reversed range "
                                            f"{_quote(lo + '-' + hi)}, which matches nothing; write "
                                            f"{_quote(hi + '-' + lo)}", glob[:at] + hi + "-" + lo + glob[at + 3:])
-                    items.append(f"{re.escape(lo)}-{re.escape(hi)}")
                     k += 3
                 else:
                     if body[k] not in kind.chars:
                         raise _GlobProblem(_bad_char_reason(glob, body[k], start + k, kind))
-                    items.append(re.escape(body[k]))
                     k += 1
-            # A negated class must not swallow the namespace/name separator.
-            parts.append(("[^\\x00" + "".join(items) + "]" if negate else "[" + "".join(items) + "]", None))
-            tokens.append("[")
+            tokens.append(glob[i:close + 1])
             i = close + 1
         else:
             if c not in kind.chars:
                 raise _GlobProblem(_bad_char_reason(glob, c, i, kind))
             tokens.append(c)
-            parts.append((re.escape(c), c))
             i += 1
-    exact = not any(t in ("*", "?", "[") for t in tokens)
+    exact = not any(t in ("*", "?") or len(t) > 1 for t in tokens)
     if exact:
         problem = kind.problem(glob)
         if problem:
             raise _GlobProblem(f"{_quote(glob)} is not a valid {kind.noun}, so it can never match: {problem}")
-        return _Glob(glob, tuple(parts), True, len(tokens), len(tokens))
+        return _Glob(glob, True, len(tokens), len(tokens))
     fixed = sum(1 for t in tokens if t != "*")
     if fixed > kind.max_length:
         raise _GlobProblem(f"the glob {_quote(glob)} needs at least {fixed} characters but a Kubernetes "
                            f"{kind.noun} has at most {kind.max_length}")
     for end, token in (("start", tokens[0]), ("end", tokens[-1])):
-        if token in "-.":
+        if token in ("-", "."):
             raise _GlobProblem(f"the glob {_quote(glob)} can never match: a Kubernetes {kind.noun} must "
                                f"{end} with a lowercase letter or digit, not {_quote(token)}")
     if kind is _NAME_KIND:
@@ -780,7 +835,61 @@ def _glob_regex(glob: str, kind: _NameKind) -> _Glob:
     wild = [t in ("*", "?") for t in tokens]
     lead = next((i for i, w in enumerate(wild) if w), len(wild))
     trail = next((i for i, w in enumerate(reversed(wild)) if w), len(wild))
-    return _Glob(glob, tuple(parts), False, lead, trail)
+    return _Glob(glob, False, lead, trail)
+
+
+def glob_match(glob: str, text: str) -> bool:
+    """Whether a valid glob matches `text`, decided as Go's path.Match decides it, in linear time
+    (see "Why atomic groups" below): the head where the text starts, each chunk between two "*"
+    where it first fits, the chunk after the last "*" where the text ends.  How rules without
+    their lanes predict (Rules.without_lanes)."""
+    if "*" not in glob and "?" not in glob and "[" not in glob:
+        return glob == text
+    chunks: list[list[str]] = [[]]       # the head, then one chunk per "*"
+    for token in _glob_tokens(glob):
+        if token == "*":
+            chunks.append([])
+        else:
+            chunks[-1].append(token)
+    head = chunks[0]
+    if len(chunks) == 1:
+        return len(head) == len(text) and _chunk_fits(head, text, 0)
+    if not _chunk_fits(head, text, 0):
+        return False
+    at = len(head)
+    for chunk in chunks[1:-1]:
+        while not _chunk_fits(chunk, text, at):
+            at += 1
+            if at + len(chunk) > len(text):
+                return False
+        at += len(chunk)
+    last = chunks[-1]
+    return len(text) - len(last) >= at and _chunk_fits(last, text, len(text) - len(last))
+
+
+def _chunk_fits(chunk: list[str], text: str, at: int) -> bool:
+    if at + len(chunk) > len(text):
+        return False
+    return all(_token_matches(token, text[at + k]) for k, token in enumerate(chunk))
+
+
+def _token_matches(token: str, char: str) -> bool:
+    """Does one glob token other than "*" (a literal character, "?" or a class) match `char`?"""
+    if len(token) == 1:
+        return token == "?" or token == char
+    negate = token[1] == "!"
+    body = token[2:-1] if negate else token[1:-1]
+    k = 0
+    while k < len(body):
+        if k + 2 < len(body) and body[k + 1] == "-":
+            if body[k] <= char <= body[k + 2]:
+                return not negate
+            k += 3
+        else:
+            if body[k] == char:
+                return not negate
+            k += 1
+    return negate
 
 
 def _glob_suggestion(glob: str, kind: _NameKind, problem: _GlobProblem) -> str:
@@ -791,7 +900,7 @@ def _glob_suggestion(glob: str, kind: _NameKind, problem: _GlobProblem) -> str:
     if kind is _NAME_KIND and "/" in candidate:
         candidate = candidate.rsplit("/", 1)[1]
     try:
-        _glob_regex(candidate, kind)
+        _parse_glob(candidate, kind)
     except _GlobProblem:
         candidate = kind.example
     return f'"{kind.key}": {_quote(candidate)}'
@@ -803,7 +912,7 @@ def _glob(source: str, value: object, path: str, kind: _NameKind) -> _Glob:
         _fail(source, path, f"{kind.key} must be a string glob, got {_describe(value)}{extra}",
               f'"{kind.key}": "{kind.example}"')
     try:
-        return _glob_regex(value, kind)
+        return _parse_glob(value, kind)
     except _GlobProblem as e:
         _fail(source, path, str(e), _glob_suggestion(value, kind, e))
 
@@ -825,19 +934,28 @@ def _clamp(value: int, low: int | None, high: int | None) -> int:
     return value
 
 
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def _digest(defaults: Amounts, low: Amounts, high: Amounts, rules: tuple[Rule, ...]) -> str:
     # Hash the compiled meaning (canonical units, resolved defaults), never the file's text:
     # reformatting, key order, "0.5" vs "500m" and absent-vs-built-in defaults do not change it.
-    meaning = {
-        "format": _DIGEST_FORMAT,
-        "defaults": dataclasses.asdict(defaults),
-        "min": dataclasses.asdict(low),
-        "max": dataclasses.asdict(high),
-        # A rule without "history" hashes as before the key existed: old resourceVersions stay valid.
-        "rules": [{k: v for k, v in dataclasses.asdict(rule).items() if k != "history" or v} for rule in rules],
-    }
-    text = json.dumps(meaning, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    # The hashed text is the canonical JSON of {"format", "defaults", "min", "max", "rules": [...]},
+    # written rule by rule ("rules" sorts last) so that a large file is never one big string.
+    head = _canonical_json({"format": _DIGEST_FORMAT, "defaults": dataclasses.asdict(defaults),
+                            "min": dataclasses.asdict(low), "max": dataclasses.asdict(high), "rules": []})
+    digest = hashlib.sha256(head[:-len(b"]}")])
+    for number, rule in enumerate(rules):
+        meaning = {"id": rule.id, "namespace": rule.namespace, "name": rule.name, "cpu": rule.cpu,
+                   "memory": rule.memory}
+        if rule.history:
+            # A rule without "history" hashes as before the key existed: old resourceVersions stay valid.
+            meaning["history"] = rule.history
+        digest.update(b"," if number else b"")
+        digest.update(_canonical_json(meaning))
+    digest.update(b"]}")
+    return digest.hexdigest()
 
 
 # Why lanes: re tries the alternatives of a regex in order and returns the first that
@@ -849,14 +967,38 @@ def _digest(defaults: Amounts, low: Amounts, high: Amounts, rules: tuple[Rule, .
 # occur in names, so it separates the two halves of a key unambiguously. Rules.predict() takes the
 # lowest rule index over the lanes that match. Globs with wildcards at both ends of both
 # halves (e.g. "*a*") land in a scanning lane, which costs about 0.05 us per such rule.
+#
+# Why atomic groups: re backtracks.  Written as "[^\x00]*" each, the stars of "*.*.*.*.*-svc" made
+# re try every way of splitting a name among them before giving up: one crafted 253-character
+# name held the GIL ~1 s.  So a glob is matched as Go's path.Match matches it.  What follows a
+# "*" up to the next "*" is a chunk of fixed width (literal characters, "?" and classes); a chunk
+# goes where it first fits after the previous one (the earliest place leaves the most room for
+# the rest, so if that place fails every later one fails too), except the chunk after the last
+# "*", which must end where the half of the key ends and so goes where it last fits (it has a
+# fixed width: the last place it fits is the only one that can end there).  Each "*" and its
+# chunk are one atomic group, "(?>[^\x00]*?CHUNK)" or "(?>[^\x00]*CHUNK)": once it matched, re never
+# goes back into it.  A branch of a lane then costs at most (key length) x (chunk width) steps,
+# whatever the name; test_predictor checks that every compiled lane has this shape.
+#
+# Why lanes of at most LANE_MAX_RULES rules and LANE_MAX_CHARS characters of regex: re.compile
+# needs ~90 bytes per character of the pattern while it parses (measured: 11 MB for a lane of
+# 1,024 rules with 100-character names, 112 MB for one of 30,000 short rules), the peak of a
+# load; and a successful match costs re ~1.7 ns per capturing group of the lane (1.75 us with
+# 1,024 groups, 8.9 us with 5,000).  So a lane compiles with at most ~3 MB of scratch memory and
+# matches in a few microseconds; a lookup tries one more lane per 1,024 rules of the same kind.
 _KEY_NS_NAME, _KEY_NAME_NS, _KEY_RNAME_NS, _KEY_RNS_NAME, _KEY_NAME, _KEY_RNAME = range(6)
+_ANY = "[^\\x00]"                  # one character of a name: anything but the separator of a lane's key
+_SEPARATOR = "\x00"
+LANE_MAX_RULES = 1024
+LANE_MAX_CHARS = 32768
+_RULE_MARK = re.compile("\x01([0-9]+)\x02")   # ends each branch while a lane is built: the rule's index
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Lane:
     layout: int                   # which _KEY_* builds the string this pattern matches
     pattern: re.Pattern[str]      # alternation; capturing group k+1 <=> rule indexes[k]
-    indexes: tuple[int, ...]
+    indexes: array.array          # rule index per capturing group ("I": 4 bytes a rule)
     first: int                    # lowest rule index in this lane
 
 
@@ -874,64 +1016,120 @@ def _lane_key(layout: int, namespace: str, name: str) -> str:
     return f"{namespace}\x00{name}"
 
 
-_Tokens = tuple[tuple[str, str | None], ...]   # (regex fragment, literal char or None)
-_SEPARATOR: _Tokens = (("\\x00", "\x00"),)
+# A lane token is one character of a key, as it is (the separator included), or a regex fragment
+# of more than one character: "?", a class, or a "*" with its chunk.
+_LaneTokens = tuple[str, ...]
 _FACTOR_DEPTH = 40    # max nested groups from _alternation; keeps re's recursive parser far from its limits
 
 
-def _rule_lane(namespace: _Glob, name: _Glob) -> tuple[int, _Tokens]:
-    """Pick the layout whose key starts with this rule's longest literal run; return it and the tokens."""
+def _class_regex(token: str) -> str:
+    """A glob class ("[a-c.]", "[!x]") as a regex class; a negated one never takes the separator."""
+    negate = token[1] == "!"
+    body = token[2:-1] if negate else token[1:-1]
+    items, k = [], 0
+    while k < len(body):
+        if k + 2 < len(body) and body[k + 1] == "-":
+            items.append(f"{re.escape(body[k])}-{re.escape(body[k + 2])}")
+            k += 3
+        else:
+            items.append(re.escape(body[k]))
+            k += 1
+    return ("[^\\x00" if negate else "[") + "".join(items) + "]"
+
+
+def _token_regex(token: str) -> str:
+    """The regex of one glob token other than "*"."""
+    if len(token) > 1:
+        return _class_regex(token)
+    return _ANY if token == "?" else re.escape(token)
+
+
+def _lane_regex(token: str) -> str:
+    return re.escape(token) if len(token) == 1 else token
+
+
+def _half(tokens: Iterable[str]) -> list[str]:
+    """The lane tokens of one glob, one half of a key: the characters before its first "*" as they
+    are, then each "*" with its chunk as one atomic group (see "Why atomic groups")."""
+    head: list[str] = []
+    chunks: list[list[str]] = []         # one per "*": the tokens after it, up to the next "*"
+    for token in tokens:
+        if token == "*":
+            chunks.append([])
+        elif chunks:
+            chunks[-1].append(token)
+        else:
+            head.append(token if len(token) == 1 and token != "?" else _token_regex(token))
+    for number, chunk in enumerate(chunks):
+        body = "".join(map(_token_regex, chunk))
+        head.append(f"(?>{_ANY}*{body})" if number == len(chunks) - 1 else f"(?>{_ANY}*?{body})")
+    return head
+
+
+def _rule_layout(namespace: _Glob, name: _Glob) -> int:
+    """The layout whose key starts with this rule's longest literal run."""
     if namespace.exact:   # the dict lookup already matched the namespace
-        if name.trail > name.lead:
-            return _KEY_RNAME, name.tokens(reverse=True)
-        return _KEY_NAME, name.tokens()
+        return _KEY_RNAME if name.trail > name.lead else _KEY_NAME
     choices = ((name.lead, _KEY_NAME_NS), (name.trail, _KEY_RNAME_NS),
                (namespace.lead, _KEY_NS_NAME), (namespace.trail, _KEY_RNS_NAME))
     score, layout = max(choices, key=lambda choice: choice[0])   # first of equals wins
-    if score == 0:
-        layout = _KEY_NS_NAME
-    if layout == _KEY_NAME_NS:
-        return layout, name.tokens() + _SEPARATOR + namespace.tokens()
-    if layout == _KEY_RNAME_NS:
-        return layout, name.tokens(reverse=True) + _SEPARATOR + namespace.tokens()
-    if layout == _KEY_RNS_NAME:
-        return layout, namespace.tokens(reverse=True) + _SEPARATOR + name.tokens()
-    return layout, namespace.tokens() + _SEPARATOR + name.tokens()
+    return _KEY_NS_NAME if score == 0 else layout
 
 
-def _alternation(alternatives: list[_Tokens], depth: int = 0) -> list[str]:
-    """Order-preserving prefix factoring: the branches of the returned alternation.
+def _lane_tokens(layout: int, namespace: _Glob, name: _Glob) -> _LaneTokens:
+    """What a rule's branch matches, in the order of the layout's key."""
+    ns, nm = _glob_tokens(namespace.text), _glob_tokens(name.text)
+    if layout == _KEY_NAME:
+        halves = (_half(nm),)
+    elif layout == _KEY_RNAME:
+        halves = (_half(reversed(nm)),)
+    elif layout == _KEY_NAME_NS:
+        halves = (_half(nm), [_SEPARATOR], _half(ns))
+    elif layout == _KEY_RNAME_NS:
+        halves = (_half(reversed(nm)), [_SEPARATOR], _half(ns))
+    elif layout == _KEY_RNS_NAME:
+        halves = (_half(reversed(ns)), [_SEPARATOR], _half(nm))
+    else:
+        halves = (_half(ns), [_SEPARATOR], _half(nm))
+    return tuple(token for half in halves for token in half)
+
+
+def _alternation(alternatives: list[_LaneTokens], at: int = 0, depth: int = 0) -> list[str]:
+    """Order-preserving prefix factoring of the alternatives' tokens from index `at` on: the
+    branches of the returned alternation.
 
     re skips a branch after one character when it starts with a literal, but it still visits
     every branch. Grouping consecutive branches by their first literal character ("9" of
     "team9-*", "team90-*", ...) turns the list into a trie, so a lookup visits only a few
     branches. Branches that start with different characters can never match the same string,
     so regrouping them cannot change which rule matches first; anything else keeps its order.
+    Every alternative of one call has consumed the same number of tokens, so `at` is shared (and
+    no call copies the alternatives' tokens: long common prefixes stay cheap to factor).
     """
-    head = alternatives[0][0][0]
-    if (len(alternatives) > 1 and depth < _FACTOR_DEPTH and not head.endswith("*")
-            and all(tokens[0][0] == head for tokens in alternatives)):
-        # All branches start with the same one-character token (e.g. a class): factor it out.
-        # Never a "*" token: that would change which branch backtracking tries first.
-        inner = _alternation([tokens[1:] for tokens in alternatives], depth + 1)
-        return [head + _group(inner)]
+    if len(alternatives) == 1:
+        return ["".join(map(_lane_regex, alternatives[0][at:]))]
+    head = alternatives[0][at]
+    if depth < _FACTOR_DEPTH and all(tokens[at] == head for tokens in alternatives):
+        # All branches start with the same token (e.g. a class): factor it out.  An atomic group
+        # ("*" and its chunk) can be factored too: it matches in one place only, whatever follows.
+        return [_lane_regex(head) + _group(_alternation(alternatives, at + 1, depth + 1))]
     branches: list[str] = []
     i = 0
     while i < len(alternatives):
-        if alternatives[i][0][1] is None or depth >= _FACTOR_DEPTH:
-            branches.append("".join(fragment for fragment, _ in alternatives[i]))
+        if len(alternatives[i][at]) > 1 or depth >= _FACTOR_DEPTH:
+            branches.append("".join(map(_lane_regex, alternatives[i][at:])))
             i += 1
             continue
         j = i
-        while j < len(alternatives) and alternatives[j][0][1] is not None:
+        while j < len(alternatives) and len(alternatives[j][at]) == 1:
             j += 1
-        by_first: dict[str, tuple[str, list[_Tokens]]] = {}
+        by_first: dict[str, list[_LaneTokens]] = {}
         for tokens in alternatives[i:j]:
-            by_first.setdefault(tokens[0][1], (tokens[0][0], []))[1].append(tokens[1:])
-        for fragment, rests in by_first.values():
-            # depth counts nested groups, and only several rests can need one.
-            inner = _alternation(rests, depth + 1 if len(rests) > 1 else depth)
-            branches.append(fragment + _group(inner))
+            by_first.setdefault(tokens[at], []).append(tokens)
+        for first, group in by_first.items():
+            # depth counts nested groups, and only several alternatives can need one.
+            inner = _alternation(group, at + 1, depth + 1 if len(group) > 1 else depth)
+            branches.append(re.escape(first) + _group(inner))
         i = j
     return branches
 
@@ -941,22 +1139,31 @@ def _group(branches: list[str]) -> str:
 
 
 def _build_lanes(globs: list[tuple[_Glob, _Glob]]) -> tuple[types.MappingProxyType, tuple[_Lane, ...]]:
-    grouped: dict[tuple[str | None, int], list[_Tokens]] = {}
+    grouped: dict[tuple[str | None, int], list[int]] = {}
     for index, (namespace, name) in enumerate(globs):
-        layout, tokens = _rule_lane(namespace, name)
         bucket = namespace.text if namespace.exact else None
-        # An empty named group ends each branch: lastindex then says which rule matched,
-        # and the branch still starts with its literal.
-        grouped.setdefault((bucket, layout), []).append(tokens + ((f"(?P<r{index}>)", None),))
+        grouped.setdefault((bucket, _rule_layout(namespace, name)), []).append(index)
     by_namespace: dict[str, list[_Lane]] = {}
     wild: list[_Lane] = []
-    for (bucket, layout), alternatives in grouped.items():
-        pattern = re.compile("|".join(_alternation(alternatives)))
-        by_group = sorted(pattern.groupindex.items(), key=lambda item: item[1])
-        indexes = tuple(int(group[1:]) for group, _ in by_group)
-        lane = _Lane(layout, pattern, indexes, min(indexes))
-        (wild if bucket is None else by_namespace.setdefault(bucket, [])).append(lane)
-    # Lanes in order of their first rule, so predict() can skip lanes that cannot win.
+    for (bucket, layout), indexes in grouped.items():
+        alternatives: list[_LaneTokens] = []
+        size = 0
+        for number, index in enumerate(indexes):
+            # Each branch ends with its rule's mark, later an empty capturing group: lastindex then
+            # says which rule matched, and the branch still starts with its literal.
+            tokens = _lane_tokens(layout, *globs[index]) + (f"\x01{index}\x02",)
+            alternatives.append(tokens)
+            size += sum(map(len, tokens))
+            if number + 1 == len(indexes) or len(alternatives) == LANE_MAX_RULES or size >= LANE_MAX_CHARS:
+                text = "|".join(_alternation(alternatives))
+                order = array.array("I", (int(found) for found in _RULE_MARK.findall(text)))
+                lane = _Lane(layout, re.compile(_RULE_MARK.sub("()", text)), order, min(order))
+                (wild if bucket is None else by_namespace.setdefault(bucket, [])).append(lane)
+                alternatives, size = [], 0
+    # re keeps the last 512 patterns it compiled in a cache of its own: the lanes of rules that a
+    # reload replaced would live on there.  (Other code compiles its small patterns again, once.)
+    re.purge()
+    # Lanes in order of their first rule, so predict() can stop at a lane that cannot win.
     ordered = {bucket: tuple(sorted(lanes, key=lambda lane: lane.first))
                for bucket, lanes in by_namespace.items()}
     return types.MappingProxyType(ordered), tuple(sorted(wild, key=lambda lane: lane.first))
@@ -982,9 +1189,39 @@ def parse_rules(document: object, source: str) -> Rules:
     if not isinstance(raw_rules, list):
         _fail(source, "rules", f'"rules" must be a JSON array of rule objects, got {_describe(raw_rules)}',
               f'"rules": [{_EXAMPLE_RULE}]')
+    # The memory the rules will keep, estimated before anything is compiled (see RULE_BYTES).
+    characters = sum(len(value) for raw in raw_rules if isinstance(raw, dict)
+                     for value in (raw.get("id"), raw.get("namespace", "*"), raw.get("name", "*"))
+                     if isinstance(value, str))
+    estimate = rules_memory(len(raw_rules), characters)
+    if estimate > RULES_MAX_BYTES:
+        _fail(source, "rules", f"{len(raw_rules):,} rules would keep about {size_text(estimate)} of memory "
+              f"(estimated: {RULE_BYTES} bytes a rule and {RULE_CHAR_BYTES} a character of their ids and globs), "
+              f"more than the {size_text(RULES_MAX_BYTES)} reqapi allows its rules so that it stays within its "
+              "memory limit (about 11,000 rules of the usual shape); merge rules that give the same requests "
+              "into one rule with a glob, e.g. one rule for a team's namespace instead of one per workload",
+              '{"id": "team-a", "namespace": "team-a", "cpu": "500m", "memory": "512Mi"}')
     rules: list[Rule] = []
     globs: list[tuple[_Glob, _Glob]] = []
     first_index: dict[str, int] = {}
+    # Rules repeat their globs and amounts: each distinct one is checked once and kept once.
+    checked: dict[str, dict[Any, Any]] = {"namespace": {}, "name": {}, "cpu": {}, "memory": {}}
+
+    def glob(value: object, path: str, kind: _NameKind) -> _Glob:
+        seen = checked[kind.key]
+        found = seen.get(value) if isinstance(value, str) else None
+        if found is None:
+            found = seen[value] = _glob(source, value, path, kind)
+        return found
+
+    def amount(value: object, path: str, resource: str) -> int | None:
+        seen = checked[resource]
+        if not isinstance(value, str) or value not in seen:
+            units = _quantity(source, value, path, "rules", resource)
+            if not isinstance(value, str):
+                return units
+            seen[value] = units
+        return seen[value]
     for index, raw in enumerate(raw_rules):
         path = f"rules[{index}]"
         label = f"rule {path}"
@@ -1007,11 +1244,10 @@ def parse_rules(document: object, source: str) -> Rules:
             _fail(source, id_path, f"duplicate id {_quote(rule_id)}: rules[{first_index[rule_id]}] already "
                   "uses it; ids must be unique", f'"id": {_quote(rule_id + "-" + str(index))}')
         first_index[rule_id] = index
-        namespace = _glob(source, body.get("namespace", "*"), _child(path, "namespace"), _NAMESPACE_KIND)
-        name = _glob(source, body.get("name", "*"), _child(path, "name"), _NAME_KIND)
-        cpu = _quantity(source, body["cpu"], _child(path, "cpu"), "rules", "cpu") if "cpu" in body else None
-        memory = (_quantity(source, body["memory"], _child(path, "memory"), "rules", "memory")
-                  if "memory" in body else None)
+        namespace = glob(body.get("namespace", "*"), _child(path, "namespace"), _NAMESPACE_KIND)
+        name = glob(body.get("name", "*"), _child(path, "name"), _NAME_KIND)
+        cpu = amount(body["cpu"], _child(path, "cpu"), "cpu") if "cpu" in body else None
+        memory = amount(body["memory"], _child(path, "memory"), "memory") if "memory" in body else None
         history = body.get("history", "")
         if history != "" and history not in _HISTORY_MODES:
             _fail(source, _child(path, "history"), f"history must be one of {', '.join(map(_quote, _HISTORY_MODES))} "
@@ -1025,17 +1261,21 @@ def parse_rules(document: object, source: str) -> Rules:
         rules.append(Rule(rule_id, namespace.text, name.text, cpu, memory, history))
         globs.append((namespace, name))
 
+    answers: dict[tuple[int | None, int | None], tuple[str, str]] = {}   # one pair of strings per distinct answer
+
     def decide(cpu: int | None, memory: int | None, rule: str) -> Prediction:
-        return Prediction(
-            cpu=format_cpu(_clamp(defaults.cpu if cpu is None else cpu, low.cpu, high.cpu)),
-            memory=format_memory(_clamp(defaults.memory if memory is None else memory, low.memory, high.memory)),
-            rule=rule)
+        answer = answers.get((cpu, memory))
+        if answer is None:
+            answer = answers[(cpu, memory)] = (
+                format_cpu(_clamp(defaults.cpu if cpu is None else cpu, low.cpu, high.cpu)),
+                format_memory(_clamp(defaults.memory if memory is None else memory, low.memory, high.memory)))
+        return Prediction(cpu=answer[0], memory=answer[1], rule=rule)
 
     frozen_rules = tuple(rules)
     by_namespace, wild = _build_lanes(globs)
     return Rules(
         defaults=defaults, min=low, max=high, rules=frozen_rules, source=source,
-        digest=_digest(defaults, low, high, frozen_rules),
+        digest=_digest(defaults, low, high, frozen_rules), memory=estimate,
         _by_namespace=by_namespace,
         _wild=wild,
         _predictions=tuple(decide(r.cpu, r.memory, r.id) for r in frozen_rules),
@@ -1062,10 +1302,16 @@ def load_rules(path: str) -> Rules:
     """Read a UTF-8 JSON rules file and compile it; every failure is a RulesError."""
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(RULES_MAX_FILE_BYTES + 1)
     except OSError as e:
         _fail(path, "(file)", f"cannot read the rules file: {e.strerror or e}",
               f"a readable JSON file such as {_EXAMPLE_DOCUMENT}")
+    if len(raw) > RULES_MAX_FILE_BYTES:
+        # Refused before it is decoded: decoding takes ~6 bytes of memory per byte of JSON.
+        _fail(path, "(file)", f"the file is larger than {size_text(RULES_MAX_FILE_BYTES)}, the most reqapi reads "
+              f"for rules (the rules it serves may keep at most {size_text(RULES_MAX_BYTES)} of memory, about "
+              "11,000 rules of the usual shape); merge rules that give the same requests into one rule with a glob",
+              '{"id": "team-a", "namespace": "team-a", "cpu": "500m", "memory": "512Mi"}')
     try:
         text = raw.decode("utf-8-sig")   # tolerate a BOM some editors add
     except UnicodeDecodeError as e:
@@ -1074,7 +1320,12 @@ def load_rules(path: str) -> Rules:
         _fail(path, f"line {line} column {column}", f"the file is not valid UTF-8 (byte 0x{raw[e.start]:02x})",
               "the same file saved as UTF-8")
     try:
-        document = json.loads(text, object_pairs_hook=_JSONObject.from_pairs)
+        strings: dict[str, str] = {}     # rules repeat their values: keep one string of each while loading
+
+        def decode_object(pairs: list[tuple[str, object]]) -> _JSONObject:
+            return _JSONObject.from_pairs([(key, strings.setdefault(value, value) if type(value) is str else value)
+                                           for key, value in pairs])
+        document = json.loads(text, object_pairs_hook=decode_object)
     except json.JSONDecodeError as e:
         _fail(path, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}{_json_hint(text, e)}",
               _EXAMPLE_DOCUMENT)
@@ -6553,7 +6804,7 @@ class Reloader:
             self.server.wake()                  # the watches send the changes now
             self.metrics.reloaded("rules", "success")
             self.log.log("info", "rules reloaded", file=path, rules=len(rules.rules),
-                         resourceVersion=self.history.current.resource_version)
+                         resourceVersion=self.history.current.resource_version, memory=size_text(rules.memory))
 
     def reload_tls(self, auth: Optional[AuthConfig] = None) -> None:
         """A new TLS context from the current files (and a new authentication configuration, if
@@ -6673,7 +6924,8 @@ class Runtime:
             log.log("warning", "the serving certificate expires within 30 days", not_after=rfc3339(summary.not_after))
         generation = self.storage.history.current
         log.log("info", "rules", source=generation.rules.source, rules=len(generation.rules.rules),
-                named_workloads=len(generation.named), resourceVersion=generation.resource_version)
+                named_workloads=len(generation.named), resourceVersion=generation.resource_version,
+                memory=f"{size_text(generation.rules.memory)} of at most {size_text(RULES_MAX_BYTES)}")
         if config.self_signed:
             local = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1", "::1") else shown
             log.log("info", f"no --cert/--key: made a throwaway self-signed certificate for localhost in "
@@ -7000,7 +7252,8 @@ def main(argv: Optional[list[str]] = None, after_script: bool = False) -> int:
             raise ConfigError("--check validates a rules file: give it with --rules FILE")
         if args.check:
             print(f"{args.rules}: OK: {len(rules.rules)} rules, {len(named_workloads(rules))} named workloads, "
-                  f"resourceVersion {resource_version_of(rules.digest)}")
+                  f"resourceVersion {resource_version_of(rules.digest)}, memory about {size_text(rules.memory)} "
+                  f"(at most {size_text(RULES_MAX_BYTES)})")
             return 0
         if args.predict:
             namespace, slash, name = args.predict.partition("/")

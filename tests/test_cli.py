@@ -37,6 +37,28 @@ def test_check_accepts_a_good_file(rules_file):
     assert "OK: 5 rules, 3 named workloads" in result.stdout
 
 
+def test_check_reports_the_memory_the_rules_will_keep(tmp_path):
+    path = write_rules(tmp_path / "rules.json", {"rules": [
+        {"id": f"rule-{i}", "namespace": f"team-{i % 40}", "name": f"svc-{i}-*", "cpu": "100m"} for i in range(3000)]})
+    result = run("--rules", str(path), "--check")
+    assert result.returncode == 0, result.stderr
+    estimate = reqapi.load_rules(str(path)).memory
+    assert 1.5 * 2**20 < estimate < 3 * 2**20
+    assert result.stdout.rstrip().endswith(f"memory about {reqapi.size_text(estimate)} (at most 8.0 MiB)"), result.stdout
+
+
+def test_check_refuses_rules_that_would_not_fit_the_memory_limit(tmp_path):
+    # 30,000 rules: --check said OK, and the server then held ~150 MB for them.
+    path = write_rules(tmp_path / "rules.json", {"rules": [
+        {"id": f"rule-{i}", "namespace": f"team-{i % 40}", "name": f"svc-{i}-*", "cpu": "100m"} for i in range(30000)]})
+    result = run("--rules", str(path), "--check")
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert message.startswith(f"error: {path}: rules: 30,000 rules would keep about "), message
+    assert "more than the 8.0 MiB reqapi allows its rules" in message and "merge rules" in message
+    assert "for example {" in message
+
+
 def test_check_refuses_a_bad_file_with_exit_2_and_the_place(tmp_path):
     bad = json.loads(json.dumps(RULES))
     bad["rules"][3]["memory"] = "1.5 Gi"

@@ -125,6 +125,29 @@ def test_a_bad_rules_file_at_start_exits_2_with_the_message(certs, tmp_path, rul
     assert "rules[0].namespace" in server.log() and str(rules_file) in server.log()
 
 
+def too_many_rules() -> dict:
+    """Rules whose estimated memory is above RULES_MAX_BYTES (20,000 one-line rules)."""
+    document = changed_rules("9")
+    document["rules"] += [{"id": f"team-{i}", "namespace": f"team-{i}", "name": "web", "cpu": "100m"}
+                          for i in range(20000)]
+    return document
+
+
+def test_rules_too_large_for_memory_are_refused_at_start_and_on_reload(certs, tmp_path, start_server, rules_file):
+    big = write_rules(tmp_path / "big.json", too_many_rules())
+    refused = Server(certs, tmp_path / "big", ["--rules", str(big)])
+    with pytest.raises(AssertionError, match="exited with 2"):
+        refused.start()
+    assert f"{big}: rules: 20,005 rules would keep about" in refused.log(), refused.log()
+    server = start_server("--rules", str(rules_file), "--reload-interval", "1h")
+    assert server.wait_for_log(r"INFO +rules source=\S+ rules=5 .*memory=\"\d+ KiB of at most 8.0 MiB\"")
+    write_rules(rules_file, too_many_rules())
+    server.signal(signal.SIGHUP)
+    message = server.wait_for_log(r"rules refused.*").group(0)
+    assert "20,005 rules would keep about" in message and "merge rules" in message
+    assert cpu(server) == "2"                                      # the last good rules keep serving
+
+
 # Certificate rotation
 
 def served_certificate(server) -> bytes:
