@@ -3183,7 +3183,21 @@ def _watch_options(request: Request, namespace: Optional[str], fields: tuple[Req
 # last ones (a continue token or a watch may name an older resourceVersion) and is the one
 # owner of "the rules changed", a condition that watches wait on.
 
-MEMO_LIMIT = 65536      # entries of one memo before it is emptied (a bound on memory)
+# The memo of predictions is bounded by bytes, not entries: 200,000 distinct 250-character names
+# reached 124 MB under an entry bound.  An entry keeps its key (a tuple of the request's two
+# strings) and a slot of the dict: measured with tracemalloc, 190 bytes beyond the two names'
+# characters (the Prediction is the rules' own).  At PREDICTION_MEMO_BYTES it is emptied: at most
+# 4 MiB, ~19,000 names of 20 characters.
+PREDICTION_MEMO_BYTES = 4 * 1024 * 1024
+PREDICTION_ENTRY_BYTES = 190
+# A rules generation that no longer serves keeps what continue tokens and watch resumption need:
+# its named workloads' predictions, and its rules without lanes (for the one workload a field
+# selector pins); measured 320-420 bytes a rule plus ~1 a character of its id and globs.
+RETIRED_RULE_BYTES = 450
+RETIRED_CHAR_BYTES = 1
+# With history its named workloads are every workload with history, each with its explanation:
+# 4.6 MiB for 2,000 two-container workloads (RulesHistory.HISTORY_LENGTH's measurement).
+HISTORY_NAMED_BYTES = 2400
 SELECTION_MEMO_LIMIT = 16   # namespaces whose unfiltered selection a generation keeps (each at most all items)
 CHANGES_MEMO_LIMIT = 16     # (from, to, namespace) differences the storage keeps for watches
 
@@ -3198,14 +3212,18 @@ def remember(memo: dict[Any, Any], key: Any, value: Any, limit: int) -> Any:
 
 class Generation:
     """One loaded set of rules and what follows from it.  Immutable once built, except for its
-    memo of predictions (a pure function of the rules, so safe to share between threads)."""
+    memos (pure functions of the rules, so safe to share between threads) and retire(), which
+    RulesHistory calls when newer rules serve."""
 
     def __init__(self, rules: Rules, history: Optional[HistorySnapshot] = None):
         self.rules = rules
         self.resource_version = resource_version_of(rules.digest)
         self.named: dict[tuple[str, str], Prediction] = {
             (ns, name): rules.predict(ns, name) for ns, name in named_workloads(rules)}
+        self.memory = rules.memory           # estimated bytes it keeps: the rules' estimate, then retire()'s
+        self.retired = False
         self._predictions: dict[tuple[str, str], Prediction] = {}
+        self._predictions_bytes = 0          # approximate under races: a bound, not an account
         self._selections: dict[Optional[str], dict[tuple[str, str], Prediction]] = {}
         # With --prometheus-url: the history snapshot answers with the rules, the resourceVersion
         # covers both, and lists hold every workload with history too (bounded by the refresher's
@@ -3224,9 +3242,29 @@ class Generation:
         key = (namespace, name)
         found = self._predictions.get(key)
         if found is None:
-            found = remember(self._predictions, key, self.rules.predict(namespace, name) if self.history is None
-                             else self._predict(namespace, name), MEMO_LIMIT)
+            found = (self.rules.predict(namespace, name) if self.history is None
+                     else self._predict(namespace, name))
+            if not self.retired:
+                size = PREDICTION_ENTRY_BYTES + len(namespace) + len(name)
+                if self._predictions_bytes + size > PREDICTION_MEMO_BYTES:
+                    self._predictions, self._predictions_bytes = {}, 0
+                self._predictions[key] = found
+                self._predictions_bytes += size
         return found
+
+    def retire(self) -> None:
+        """Newer rules serve: keep what a continue token or a resumed watch needs of this generation
+        (its named workloads, and its rules without their compiled lanes, for a pinned name) and
+        drop the rest.  Its answers stay the same; a pinned name not among the named ones costs a
+        scan of the rules (glob_match), not a lane lookup, and nothing is memoised any more."""
+        self.retired = True
+        self.rules = self.rules.without_lanes()
+        self._predictions, self._predictions_bytes = {}, 0
+        self._selections = {}
+        characters = sum(len(rule.id) + len(rule.namespace) + len(rule.name) for rule in self.rules.rules)
+        self.memory = len(self.rules.rules) * RETIRED_RULE_BYTES + characters * RETIRED_CHAR_BYTES
+        if self.history is not None:
+            self.memory += len(self.named) * HISTORY_NAMED_BYTES
 
     def select(self, namespace: Optional[str], fields: tuple[Requirement, ...],
                labels: tuple[Requirement, ...]) -> dict[tuple[str, str], Prediction]:
@@ -3235,7 +3273,7 @@ class Generation:
         (every valid name has a prediction, so `kubectl get requests NAME --watch` works for any NAME).
         Without selectors the answer is memoised per namespace: 500 watches resuming after a change
         of 10,000 named workloads select once, not 500 times.  (The dict is shared: read it only.)"""
-        if fields or labels:
+        if fields or labels or self.retired:
             return self._select(namespace, fields, labels)
         found = self._selections.get(namespace)
         if found is None:
@@ -3265,6 +3303,11 @@ class RulesHistory:
     # tracemalloc: 4.6 MiB at 2,000 two-container workloads, 21.5 MiB at 10,000), so only this
     # many are remembered; a watch or continue token from an older one gets 410 Expired and relists.
     HISTORY_LENGTH = 3
+    # ...and at most this many estimated bytes of past generations, besides the current one (each
+    # retired: see Generation.retire).  A reload under traffic added 88 MB when past generations kept
+    # their memos and lanes; now the past generations of a 10,000-rule file keep at most 8 MiB (one
+    # of them, at ~4.8 MB each), of a 100-rule file all 63 (~48 KB each, 3 MB).
+    MAX_BYTES = 8 * 1024 * 1024
 
     def __init__(self, rules: Rules = DEFAULT_RULES, history: Optional[HistorySnapshot] = None):
         self._changed = threading.Condition()
@@ -3295,13 +3338,24 @@ class RulesHistory:
 
     def _publish(self, generation: Generation) -> bool:
         with self._changed:
+            previous = self.current
             self._history[generation.resource_version] = generation
             self._history.move_to_end(generation.resource_version)
-            while len(self._history) > (self.LENGTH if generation.history is None else self.HISTORY_LENGTH):
-                self._history.popitem(last=False)
             self.current = generation
             self._changed.notify_all()
+        previous.retire()
+        self._forget_beyond_bounds()
         return True
+
+    def _forget_beyond_bounds(self) -> None:
+        """Forget the oldest generations while more than LENGTH (HISTORY_LENGTH with history) are
+        kept or the past ones are estimated above MAX_BYTES (the current one, the newest, stays)."""
+        with self._changed:
+            length = self.LENGTH if self.current.history is None else self.HISTORY_LENGTH
+            past = sum(generation.memory for generation in self._history.values() if generation is not self.current)
+            while len(self._history) > 1 and (len(self._history) > length or past > self.MAX_BYTES):
+                _, oldest = self._history.popitem(last=False)
+                past -= oldest.memory
 
     def at(self, resource_version: str) -> Optional[Generation]:
         with self._changed:
@@ -5243,13 +5297,24 @@ def refusal_of(request: Request, found: Optional[tuple[Route, dict[str, str]]]) 
 class Api:
     """The API: the route table, the documents built at start-up, and the response memo.
 
-    The memo holds encoded answers that are a function of the rules generation, the request and
-    the second (their timestamps have whole seconds): kubectl, controllers and the deploy service
-    ask the same questions often.  It is keyed by generation: when the rules change, it starts
-    empty.  Measured in-process on the 2-core development machine: building and encoding an object
-    costs ~19 µs, a memo hit 0.4 µs, and parse_head plus Api.handle of a whole GET ~16 µs on a hit."""
+    The memo holds encoded answers that are a function of the rules generation, what the request
+    selects and the second (their timestamps have whole seconds): kubectl, controllers and the
+    deploy service ask the same questions often.  It holds one generation's answers of one second:
+    when the rules change or a new second starts, it starts empty.  Measured in-process on the
+    2-core development machine: building and encoding an object costs ~19 µs, a memo hit 0.4 µs,
+    and parse_head plus Api.handle of a whole GET ~16 µs on a hit."""
 
-    LIST_MEMO_LIMIT = 1024
+    # The object and list memos are bounded by bytes, not entries (1,020 lists with junk query strings
+    # reached 713 MB when they were bounded by entries and keyed by the raw options).  An entry costs
+    # its body and, measured with tracemalloc, an object ~330 bytes besides its name's characters
+    # (key, strings, timestamp, dict slot), a list ~450 besides its continue token and 8 a row (its
+    # key holds the page's keys).
+    # At the limit a memo is emptied: at most 4 MiB of objects (~6,000 answers for short names, one
+    # second's worth: a new second empties it) and 8 MiB of lists (a list larger is not kept).
+    OBJECT_MEMO_BYTES = 4 * 1024 * 1024
+    OBJECT_ENTRY_BYTES = 330
+    LIST_MEMO_BYTES = 8 * 1024 * 1024
+    LIST_ENTRY_BYTES = 450
     EVENTS_MEMO_BYTES = 8 * 1024 * 1024     # encoded watch events kept for other watches (then emptied)
 
     def __init__(self, storage: RequestsStorage, access: Access, health: Health, metrics: Metrics, log: Logger,
@@ -5263,8 +5328,11 @@ class Api:
         self.routes = route_index(ROUTES)
         self.documents = build_static_documents(storage.history.history_configured)
         self._memo_generation: Optional[Generation] = None
+        self._memo_second = -1
         self._objects: dict[tuple[str, str], tuple[int, bytes]] = {}
-        self._lists: dict[tuple[ListOptions, int], Response] = {}
+        self._objects_bytes = 0              # approximate under races: a bound, not an account
+        self._lists: dict[tuple[Any, ...], Response] = {}
+        self._lists_bytes = 0
         self._events: dict[tuple[Any, ...], bytes] = {}
         self._events_bytes = 0
 
@@ -5327,48 +5395,63 @@ class Api:
         self._events_bytes += len(encoded) + 200     # + the key and the dict slot, roughly
         return encoded
 
-    def _memo_for(self, generation: Generation) -> None:
-        # Called with the current generation before each memo use: a new generation empties the memo.
-        if generation is not self._memo_generation:
-            self._objects, self._lists = {}, {}
-            self._memo_generation = generation
+    def _memo_for(self, generation: Generation, second: int) -> None:
+        # Called before each memo use: a new generation or a new second empties the memos, since
+        # nothing in them can be served again (an answer carries its generation and its second).
+        if generation is not self._memo_generation or second != self._memo_second:
+            self._objects, self._objects_bytes = {}, 0
+            self._lists, self._lists_bytes = {}, 0
+            self._memo_generation, self._memo_second = generation, second
 
     def object_json(self, namespace: str, name: str) -> bytes:
         """The encoded object, memoised per generation and second."""
         generation = self.storage.history.current
-        if generation is not self._memo_generation:
-            self._memo_for(generation)
         now = int(time.time())
+        if generation is not self._memo_generation or now != self._memo_second:
+            self._memo_for(generation, now)
         key = (namespace, name)
         cached = self._objects.get(key)
-        if cached is not None and cached[0] == now:
+        if cached is not None and cached[0] == now:     # (a thread still in the previous second may store)
             return cached[1]
         body = requests_object_json(namespace, name, generation.prediction(namespace, name),
                                     generation.resource_version, now)
-        # Emptied when full, as remember() does; written out here because calling remember()
-        # (section 6) would add a section crossing to every first GET of a name (test_layers).
-        if len(self._objects) >= MEMO_LIMIT:
-            self._objects.clear()
+        # Emptied when full, as the other memos are; written out here because a call into section 6
+        # would add a section crossing to every first GET of a name (test_layers).
+        size = len(body) + self.OBJECT_ENTRY_BYTES + len(namespace) + len(name)
+        if self._objects_bytes + size > self.OBJECT_MEMO_BYTES:
+            self._objects, self._objects_bytes = {}, 0
         self._objects[key] = (now, body)
+        self._objects_bytes += size
         return body
 
     def list_response(self, options: ListOptions) -> Response:
-        """A list or a Table of the collection, memoised per generation, options and second."""
+        """A list or a Table of the collection, memoised per generation and second by what decides
+        its bytes: the page (the generation it comes from and its items, the continue token and
+        the count left) and the representation.  The raw query does not count: selectors that
+        select the same items, a limit above their number, continue tokens that start at the same
+        place give the same answer, which is built once."""
+        page = self.storage.list(options)     # selects and sorts the items; building them costs ~20x more
         generation = self.storage.history.current
-        if generation is not self._memo_generation:
-            self._memo_for(generation)
-        key = (options, int(time.time()))
+        now = int(time.time())
+        if generation is not self._memo_generation or now != self._memo_second:
+            self._memo_for(generation, now)
+        keys = tuple(key for key, _ in page.items)
+        key = (page.generation.resource_version, options.output, keys, page.continue_token, page.remaining, now)
         response = self._lists.get(key)
         if response is None:
-            response = remember(self._lists, key, self._list(options), self.LIST_MEMO_LIMIT)
+            response = self._list(page, options.output, now)
+            size = len(response.body) + self.LIST_ENTRY_BYTES + 8 * len(keys) + len(page.continue_token)
+            if size <= self.LIST_MEMO_BYTES:
+                if self._lists_bytes + size > self.LIST_MEMO_BYTES:
+                    self._lists, self._lists_bytes = {}, 0
+                self._lists[key] = response
+                self._lists_bytes += size
         return response
 
-    def _list(self, options: ListOptions) -> Response:
-        generation, items, continue_token, remaining = self.storage.list(options)     # a Page
-        now = int(time.time())
+    def _list(self, page: Page, output: Output, now: int) -> Response:
+        generation, items, continue_token, remaining = page
         objects = [requests_object(ns, name, prediction, generation.resource_version, now)
                    for (ns, name), prediction in items]
-        output = options.output
         if output.partial_version:
             document = partial_object_metadata_list(objects, output.partial_version, generation.resource_version,
                                                     continue_token, remaining)

@@ -163,3 +163,115 @@ def test_many_watches_share_one_selection_one_difference_and_one_encoding_of_a_c
     assert all(len(events) == 300 and events == seen[0] for events in seen)
     assert seen[0][0]["type"] == "MODIFIED" and seen[0][0]["object"]["resources"]["cpu"] == "2"
     assert calls == {"select": 1, "differences": 1, "encode": 300}, calls
+
+
+# ---------------------------------------------------------------------------------------
+# Bounded by bytes (issue 12, items 4 and 5): the memo of predictions and the history of
+# generations, counted with tracemalloc (bytes, the same on any machine), never with a clock.
+# ---------------------------------------------------------------------------------------
+
+import gc          # noqa: E402
+import tracemalloc  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def allocated_by(action) -> int:
+    """Bytes that stay allocated after `action` (what it built and something still holds)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def long_name(index: int) -> str:
+    return f"w{index}-" + "x" * 240            # a fresh 250-character string, as a request's path makes it
+
+
+def test_the_prediction_memo_is_bounded_by_bytes_whatever_the_names():
+    # 200,000 distinct long names took 124 MB when the memo was bounded by entries (65,536).
+    generation = reqapi.Generation(rules(RULES))
+
+    def ask(count):
+        for index in range(count):
+            assert generation.prediction("prod-eu", long_name(index)).rule == "default"
+    kept = allocated_by(lambda: ask(40_000))                # ~19 MB of entries asked for
+    print(f"the memo kept {kept / MiB:.1f} MiB")
+    assert kept <= 4 * MiB + MiB // 4, kept                 # PREDICTION_MEMO_BYTES, and a dict's slack
+    assert reqapi.PREDICTION_MEMO_BYTES == 4 * MiB
+
+
+def test_a_prediction_memo_entry_costs_no_more_than_counted():
+    generation = reqapi.Generation(rules(RULES))
+    count = 5_000
+    kept = allocated_by(lambda: [generation.prediction("prod-eu", long_name(index)) for index in range(count)])
+    counted = count * (reqapi.PREDICTION_ENTRY_BYTES + len("prod-eu") + len(long_name(0)))
+    assert counted < reqapi.PREDICTION_MEMO_BYTES                  # nothing was emptied on the way
+    assert kept <= counted, (kept / count, counted / count)
+
+
+def documents_of(count: int, size: int) -> list[dict]:
+    """`count` different rules files of `size` rules each (a mix of exact names and globs)."""
+    return [{"rules": [{"id": f"r{index}", "namespace": f"team-{index % 50}",
+                        "name": f"svc-{index}" if index % 2 else f"svc-{index}-*", "cpu": f"{version + 1}m"}
+                       for index in range(size)]} for version in range(count)]
+
+
+def test_a_replaced_generation_keeps_its_answers_but_not_its_lanes_or_memos():
+    history = reqapi.RulesHistory(rules(RULES))
+    old = history.current
+    for index in range(300):
+        old.prediction("prod-eu", f"web-{index}")
+    pinned = reqapi.parse_field_selector("metadata.name=pay-api")
+    before = (dict(old.select(None, (), ())), dict(old.select("prod-eu", pinned, ())),
+              old.prediction("prod-eu", "pay-api"), old.prediction("shop", "checkout"))
+    history.install(rules(dict(RULES, defaults={"cpu": "300m", "memory": "100Mi"})))
+    assert history.at(old.resource_version) is old and old.retired and not history.current.retired
+    after = (dict(old.select(None, (), ())), dict(old.select("prod-eu", pinned, ())),
+             old.prediction("prod-eu", "pay-api"), old.prediction("shop", "checkout"))
+    assert after == before and before[1] == {("prod-eu", "pay-api"): reqapi.Prediction("500m", "512Mi", "prod-api")}
+    # What it keeps is the rules without lanes, and no memo grows any more.
+    assert lanes_of(old.rules) == [] and lanes_of(history.current.rules) != []
+    assert allocated_by(lambda: [old.prediction("prod-eu", f"web-{index}") for index in range(300)]) == 0
+
+
+def lanes_of(compiled: reqapi.Rules) -> list:
+    return [lane for lanes in compiled._by_namespace.values() for lane in lanes] + list(compiled._wild)
+
+
+def test_a_retired_generation_keeps_no_more_than_its_estimate():
+    def retired() -> reqapi.Generation:
+        generation = reqapi.Generation(rules(documents_of(1, 4_000)[0]))
+        generation.retire()
+        return generation
+    holder: list = []
+    kept = allocated_by(lambda: holder.append(retired()))
+    assert kept <= holder[0].memory < holder[0].rules.memory, (kept, holder[0].memory)
+
+
+def test_reloads_under_traffic_keep_at_most_the_history_budget():
+    # Each reload under traffic added 88 MB when past generations kept their memos and lanes.
+    documents = documents_of(8, 3_000)
+
+    def reload_under_traffic(history):
+        for document in documents:
+            history.install(rules(document))
+            for index in range(2_000):                          # traffic: the memo of predictions fills
+                history.current.prediction("team-7", f"web-{index}")
+
+    history = reqapi.RulesHistory(rules(RULES))
+    kept = allocated_by(lambda: reload_under_traffic(history))
+    print(f"8 reloads of 3,000 rules under traffic kept {kept / MiB:.1f} MiB")
+    # Each file compiles to ~1.5 MiB and its memo holds ~0.4 MiB: ~12 MiB if every generation kept them.
+    assert kept <= 8 * MiB, kept / MiB
+    past = [history.at(reqapi.resource_version_of(rules(document).digest)) for document in documents]
+    kept_past = [generation for generation in past[:-1] if generation is not None]
+    assert past[-1] is history.current and 1 <= len(kept_past) < 7
+    assert sum(generation.memory for generation in kept_past) <= reqapi.RulesHistory.MAX_BYTES
+    # What stays: the current generation (its rules and its memo) and the retired ones in their budget.
+    assert kept <= history.current.memory + reqapi.PREDICTION_MEMO_BYTES + reqapi.RulesHistory.MAX_BYTES
