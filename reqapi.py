@@ -7131,7 +7131,8 @@ def run(config: Config, log: Logger, rules: Rules, after_script: bool = False) -
     signal.signal(signal.SIGHUP, reload)
     # Signals that came during start-up: a SIGTERM or SIGINT stops it before anything is served
     # (nothing to drain, exit 0); a SIGHUP says the files may have changed since they were read,
-    # so the reloader reads them again once it runs.
+    # so they are read again now, before serving.  (Waking the reloader would not do: it takes the
+    # files as they are when it starts as the ones already loaded, and so would miss the change.)
     stopping = next((signum for signum in _early_signals if signum != signal.SIGHUP), None)
     if stopping is not None:
         log.log("info", f"{signal.Signals(stopping).name} during start-up: stopped before serving")
@@ -7140,7 +7141,7 @@ def run(config: Config, log: Logger, rules: Rules, after_script: bool = False) -
         return 0
     if signal.SIGHUP in _early_signals:
         log.log("info", "SIGHUP during start-up: reading the rules and certificates again before serving")
-        runtime.reloader.wake.set()
+        runtime.reloader.check(forced=True)
     runtime.start()
     if after_script:
         threading.Thread(target=serve, name="serve").start()   # not a daemon: the interpreter waits for it
