@@ -463,12 +463,12 @@ _EXAMPLE_QUANTITY = types.MappingProxyType({
 # shape measured (exact names, prefixes, suffixes, several "*", classes; 1 to 10,500 rules; short
 # and 250-character names): the rules keep 44-94 % of the estimate.
 # Loading takes more for a moment: the decoded JSON (~6 bytes per byte of the file), the checked
-# rules and up to ~3 MB to compile one lane.  A load's peak measured 1.6-2.0x the estimate near
-# the limit (10,500 rules), up to 6.4x for 1,000 rules where compiling a lane counts most; the
+# rules and up to ~6 MB to compile one lane.  A load's peak measured 1.7-2.4x the estimate near
+# the limit (10,500 rules), up to ~7x for 1,000 rules where compiling a lane counts most; the
 # tests hold it below 3x the estimate + 4 MiB.  The rules that serve stay while a new file loads.
 # RULES_MAX_BYTES admits ~11,000 rules of the usual shape (~750 bytes estimated: a 10-character id,
 # globs such as "team-a-*"): serving them keeps at most 8 MiB, and a reload at the limit needs
-# ~16 MiB more for a moment.  RULES_MAX_FILE_BYTES refuses a file before it is decoded: 4 MiB of
+# up to ~19 MiB more for a moment.  RULES_MAX_FILE_BYTES refuses a file before it is decoded: 4 MiB of
 # compact JSON holds ~40,000 short rules, far above the limit, so no file it refuses could fit.
 RULE_BYTES = 550
 RULE_CHAR_BYTES = 7
@@ -977,20 +977,23 @@ def _digest(defaults: Amounts, low: Amounts, high: Amounts, rules: tuple[Rule, .
 # "*", which must end where the half of the key ends and so goes where it last fits (it has a
 # fixed width: the last place it fits is the only one that can end there).  Each "*" and its
 # chunk are one atomic group, "(?>[^\x00]*?CHUNK)" or "(?>[^\x00]*CHUNK)": once it matched, re never
-# goes back into it.  A branch of a lane then costs at most (key length) x (chunk width) steps,
-# whatever the name; test_predictor checks that every compiled lane has this shape.
+# goes back into it.  A chunk followed only by a final "*" may be anywhere after the previous one,
+# so it too is found from the right, which re does ~3x faster than from the left (it scans back
+# for the chunk's first character); a final "*" is "[^\x00]*+", which never gives back.  A branch
+# of a lane then costs at most (key length) x (chunk width) steps, whatever the name;
+# test_predictor checks that every compiled lane has this shape.
 #
 # Why lanes of at most LANE_MAX_RULES rules and LANE_MAX_CHARS characters of regex: re.compile
 # needs ~90 bytes per character of the pattern while it parses (measured: 11 MB for a lane of
 # 1,024 rules with 100-character names, 112 MB for one of 30,000 short rules), the peak of a
 # load; and a successful match costs re ~1.7 ns per capturing group of the lane (1.75 us with
-# 1,024 groups, 8.9 us with 5,000).  So a lane compiles with at most ~3 MB of scratch memory and
+# 1,024 groups, 8.9 us with 5,000).  So a lane compiles with at most ~6 MB of scratch memory and
 # matches in a few microseconds; a lookup tries one more lane per 1,024 rules of the same kind.
 _KEY_NS_NAME, _KEY_NAME_NS, _KEY_RNAME_NS, _KEY_RNS_NAME, _KEY_NAME, _KEY_RNAME = range(6)
 _ANY = "[^\\x00]"                  # one character of a name: anything but the separator of a lane's key
 _SEPARATOR = "\x00"
 LANE_MAX_RULES = 1024
-LANE_MAX_CHARS = 32768
+LANE_MAX_CHARS = 65536
 _RULE_MARK = re.compile("\x01([0-9]+)\x02")   # ends each branch while a lane is built: the rule's index
 
 
@@ -1062,7 +1065,12 @@ def _half(tokens: Iterable[str]) -> list[str]:
             head.append(token if len(token) == 1 and token != "?" else _token_regex(token))
     for number, chunk in enumerate(chunks):
         body = "".join(map(_token_regex, chunk))
-        head.append(f"(?>{_ANY}*{body})" if number == len(chunks) - 1 else f"(?>{_ANY}*?{body})")
+        if number == len(chunks) - 1 and not chunk:
+            head.append(f"{_ANY}*+")                     # a final "*": the rest of the half, possessively
+        elif number == len(chunks) - 1 or (number == len(chunks) - 2 and not chunks[-1]):
+            head.append(f"(?>{_ANY}*{body})")            # where it last fits
+        else:
+            head.append(f"(?>{_ANY}*?{body})")           # where it first fits
     return head
 
 
@@ -1302,7 +1310,11 @@ def load_rules(path: str) -> Rules:
     """Read a UTF-8 JSON rules file and compile it; every failure is a RulesError."""
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(RULES_MAX_FILE_BYTES + 1)
+            pieces, size = [], 0              # (read(RULES_MAX_FILE_BYTES + 1) would allocate 4 MiB at once)
+            while size <= RULES_MAX_FILE_BYTES and (piece := handle.read(65536)):
+                pieces.append(piece)
+                size += len(piece)
+            raw = b"".join(pieces)
     except OSError as e:
         _fail(path, "(file)", f"cannot read the rules file: {e.strerror or e}",
               f"a readable JSON file such as {_EXAMPLE_DOCUMENT}")

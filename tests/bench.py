@@ -1823,6 +1823,10 @@ def parse_args(argv: list) -> argparse.Namespace:
     versus.add_argument("--retries", type=int, default=2,
                         help="how many times a disturbed run or start is done again; the least disturbed attempt "
                              "is kept (default 2)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: measure in this process (no server) what the bounds of reqapi.py allow "
+                             "and what its glob matching costs: bytes per rule, per memo entry, per past rules "
+                             "generation (tracemalloc), load times, and lookups against crafted names")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loadgen:
@@ -2080,6 +2084,156 @@ def history_bench(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# --memory: the figures behind reqapi's memory bounds and its linear glob matching, in process
+# ---------------------------------------------------------------------------------------------
+
+def _traced(action) -> tuple:
+    """(result, bytes still allocated after it, peak bytes during it), as tracemalloc counts them."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = action()
+        gc.collect()
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, kept - base, peak - base
+
+
+def _shaped_rules(count: int, shape: str, length: int = 0) -> dict:
+    """The shapes tests/test_predictor.py measures: exact names, prefixes, suffixes, several "*", classes."""
+    pad = "x" * length
+    tail = f"-{pad}" if length else ""
+    rules = []
+    for i in range(count):
+        where = {"exact": {"namespace": f"team{i % 50}{pad[:40]}", "name": f"w{i}{tail}"},
+                 "prefix": {"namespace": f"team{i % 50}{pad[:40]}-*", "name": f"svc{i}{tail}-*"},
+                 "suffix": {"name": f"*-{pad}w{i}"},
+                 "multi": {"namespace": "*", "name": f"*.x{pad}{i}.*-*.*-svc"},
+                 "classes": {"namespace": f"t[a-c]{i}-*", "name": f"*-w{i}?[!x]{pad}z"}}[shape]
+        rules.append({"id": f"rule-{i}{tail}", "cpu": f"{i % 900 + 100}m", "memory": f"{i % 60 + 4}Mi", **where})
+    return {"defaults": {"cpu": "100m", "memory": "100Mi"}, "rules": rules}
+
+
+def _per_call(function, calls: int) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best
+
+
+def memory_report() -> int:
+    import re as regex
+    sys.path.insert(0, str(ROOT))
+    import reqapi
+    MiB = 1024 * 1024
+    workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-memory-"))
+    try:
+        print(f"reqapi memory and matching figures (Python {platform.python_version()}, in process, tracemalloc)\n")
+        print("glob matching: one rule, a crafted name of the maximum length (253), best of 3")
+        crafted = ("a." * 126 + "a")[:253]
+        for glob in ("*.*.*.*.*-svc", "*a*b*c*d*e*f*"):
+            rules = reqapi.parse_rules({"rules": [{"id": "r", "namespace": "prod-*", "name": glob, "cpu": "1"}]}, "b")
+            now = _per_call(lambda: rules.predict("prod-x", crafted), 200)
+            # The form reqapi compiled before: every "*" a free repeat that re may backtrack into.
+            free = regex.compile("prod\\-[^\\x00]*\\x00" + "".join(
+                "[^\\x00]*" if c == "*" else regex.escape(c) for c in glob))
+            for length in (61, 121):
+                name = crafted[:length]
+                before = _per_call(lambda: free.fullmatch(f"prod-x\x00{name}"), 1)
+                print(f"  {glob:16s} {length:3d} characters: backtracking form {before * 1e3:9.2f} ms")
+            print(f"  {glob:16s} 253 characters: atomic chunks      {now * 1e6:9.2f} us")
+        print("\nlookups over 1,000 rules (uncached Rules.predict), best of 3")
+        for shape, (namespace, name) in {"prefix": ("team990", "svc990-api"), "suffix": ("payments", "billing-w990"),
+                                         "multi": ("any", "a.x990.b-c.d-svc"),
+                                         "classes": ("tb990-prod", "billing-w990abz")}.items():
+            rules = reqapi.parse_rules(_shaped_rules(1000, shape), shape)
+            miss = _per_call(lambda: rules.predict("nowhere", "nothing-matches"), 2000)
+            hit = _per_call(lambda: rules.predict(namespace, name), 2000)
+            print(f"  {shape:8s} a match {hit * 1e6:6.2f} us, no match {miss * 1e6:6.2f} us")
+
+        print("\nrules: bytes a rule keeps once compiled (with its named workload), the estimate, a load's peak")
+        for shape in ("exact", "prefix", "suffix", "multi", "classes"):
+            for length in (0, 100):
+                path = workdir / "rules.json"
+                path.write_text(json.dumps(_shaped_rules(2000, shape, length)))
+                (rules, _), kept, peak = _traced(lambda: (lambda r: (r, reqapi.Generation(r)))(
+                    reqapi.load_rules(str(path))))
+                print(f"  {shape:8s} +{length:3d} chars: keeps {kept / 2000:6.0f} B, estimate {rules.memory / 2000:6.0f} B, "
+                      f"load peak {peak / 2000:6.0f} B a rule")
+        for count in (1000, 10000):
+            path = workdir / "rules.json"
+            path.write_text(json.dumps(_shaped_rules(count, "prefix")))
+            started = time.perf_counter()
+            rules = reqapi.load_rules(str(path))
+            print(f"  {count:,} prefix rules load in {time.perf_counter() - started:.2f} s, estimate "
+                  f"{reqapi.size_text(rules.memory)}")
+        per_rule = reqapi.rules_memory(1, 10 + 8 + 6) - reqapi.rules_memory(0, 0)
+        print(f"  RULES_MAX_BYTES {reqapi.size_text(reqapi.RULES_MAX_BYTES)}: "
+              f"~{(reqapi.RULES_MAX_BYTES - reqapi.rules_memory(0, 0)) // per_rule:,} rules of ~{per_rule} B "
+              f"(a 10-character id, 'team-a-*', 'svc-a*')")
+
+        print("\npast generations: bytes a retired rules generation keeps, and its estimate")
+        for count in (100, 8000):
+            document = _shaped_rules(count, "prefix")
+            document["rules"] += [{"id": f"x{i}", "namespace": "shop", "name": f"w-{i}", "cpu": "1"}
+                                  for i in range(count // 4)]
+
+            def retired():
+                generation = reqapi.Generation(reqapi.parse_rules(document, "b"))
+                generation.retire()
+                return generation
+            generation, kept, _ = _traced(retired)
+            print(f"  {len(document['rules']):,} rules: keeps {reqapi.size_text(kept)}, estimate "
+                  f"{reqapi.size_text(generation.memory)}: {reqapi.RulesHistory.MAX_BYTES // generation.memory} "
+                  f"fit RulesHistory.MAX_BYTES ({reqapi.size_text(reqapi.RulesHistory.MAX_BYTES)}, at most "
+                  f"{reqapi.RulesHistory.LENGTH - 1})")
+
+        print("\nmemo entries: bytes kept per entry, beside what reqapi counts for it")
+        generation = reqapi.Generation(reqapi.parse_rules({}, "b"))
+        _, kept, _ = _traced(lambda: [generation.prediction("prod-eu", f"w{i}-" + "x" * 20) for i in range(20000)])
+        counted = reqapi.PREDICTION_ENTRY_BYTES + len("prod-eu") + len("w10000-" + "x" * 20)
+        print(f"  prediction: {kept / 20000:.0f} B kept, {counted} counted; "
+              f"PREDICTION_MEMO_BYTES {reqapi.size_text(reqapi.PREDICTION_MEMO_BYTES)} "
+              f"= ~{reqapi.PREDICTION_MEMO_BYTES // counted:,} names")
+        import os as _os
+        history = reqapi.RulesHistory(reqapi.parse_rules({"rules": [
+            {"id": f"w{i}", "namespace": "load", "name": f"w-{i:04d}", "cpu": "1"} for i in range(2000)]}, "b"))
+        access, metrics = reqapi.Access(reqapi.AlwaysAllow()), reqapi.Metrics()
+        api = reqapi.Api(reqapi.RequestsStorage(history), access, reqapi.Health(history, access, metrics), metrics,
+                         reqapi.Logger(fd=_os.open(_os.devnull, _os.O_WRONLY)), 300)
+        clock = time.time
+        time.time = lambda: 1_800_000_000.0            # one second for every answer: nothing is emptied
+        try:
+            names = [f"w{i}-" + "x" * 20 for i in range(5000)]
+            _, kept, _ = _traced(lambda: [api.object_json("prod-eu", name) for name in names])
+            body = len(api.object_json("prod-eu", names[0]))
+            counted = body + reqapi.Api.OBJECT_ENTRY_BYTES + len("prod-eu") + len(names[0])
+            print(f"  object: {kept / 5000:.0f} B kept with its prediction, {counted} counted "
+                  f"(+{reqapi.PREDICTION_ENTRY_BYTES + len('prod-eu') + len(names[0])} for the prediction); "
+                  f"OBJECT_MEMO_BYTES {reqapi.size_text(reqapi.Api.OBJECT_MEMO_BYTES)} = ~"
+                  f"{reqapi.Api.OBJECT_MEMO_BYTES // counted:,} objects")
+            options = [reqapi.ListOptions("load", (), (), reqapi.JSON_OUTPUT, limit=100 + i) for i in range(20)]
+            api.list_response(options[0]._replace(limit=1))  # the namespace's selection, memoised once
+            responses, kept, _ = _traced(lambda: [api.list_response(option) for option in options])
+            bodies = sum(len(response.body) for response in responses)
+            print(f"  list of ~100 rows: {(kept - bodies) / 20:.0f} B kept beside its body "
+                  f"(LIST_ENTRY_BYTES {reqapi.Api.LIST_ENTRY_BYTES} + 8 a row + its continue token counted); "
+                  f"LIST_MEMO_BYTES {reqapi.size_text(reqapi.Api.LIST_MEMO_BYTES)}")
+        finally:
+            time.time = clock
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list) -> int:
     args = parse_args(argv)
     if args.loadgen:
@@ -2090,6 +2244,8 @@ def main(argv: list) -> int:
         return history_bench(args)
     if args.versus_gin:
         return versus_gin(args)
+    if args.memory:
+        return memory_report()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # progress lines show up as runs finish
     if not REQAPI.exists():

@@ -610,17 +610,23 @@ ONE_CHARACTER = (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN)
 REPEATS = (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT)
 
 
+def one_character_repeat(op, value) -> bool:
+    return op in REPEATS and value[1] == sre.MAXREPEAT and len(value[2]) == 1 and list(value[2])[0][0] in ONE_CHARACTER
+
+
 def repeats_outside_atomic_chunks(subpattern) -> list:
-    """Every repeat of the parsed pattern that is not the first item of an atomic group holding one
-    repeat of one character followed by single characters only: the shape whose match at one place
-    is found or refused by one scan, so that a branch costs at most (key length) x (chunk width) steps."""
+    """Every repeat of the parsed pattern but a possessive one of one character, or one that is the
+    first item of an atomic group holding one repeat of one character followed by single characters
+    only: the shapes whose match at one place is found or refused by one scan (re never goes back
+    into them), so that a branch costs at most (key length) x (chunk width) steps."""
     problems = []
     for op, value in subpattern:
+        if op == sre.POSSESSIVE_REPEAT and one_character_repeat(op, value):
+            continue
         if op == sre.ATOMIC_GROUP:
             items = list(value)
             head, rest = items[0], items[1:]
-            shaped = (head[0] in REPEATS and head[1][1] == sre.MAXREPEAT and len(head[1][2]) == 1
-                      and list(head[1][2])[0][0] in ONE_CHARACTER and all(op in ONE_CHARACTER for op, _ in rest))
+            shaped = one_character_repeat(*head) and all(op in ONE_CHARACTER for op, _ in rest)
             if not shaped:
                 problems.append(("atomic group of another shape", items))
         elif op in REPEATS:
@@ -659,6 +665,8 @@ def test_the_shape_check_can_fail():
     # The backtracking form reqapi compiled before: each "*" a free repeat.
     assert repeats_outside_atomic_chunks(sre_parser.parse(r"[^\x00]*\.[^\x00]*\-svc()"))
     assert repeats_outside_atomic_chunks(sre_parser.parse(r"(?>(?:ab)*x)"))
+    assert repeats_outside_atomic_chunks(sre_parser.parse(r"(?:ab)*+x"))
+    assert not repeats_outside_atomic_chunks(sre_parser.parse(r"(?>[^\x00]*?\.)[^\x00]*+"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])

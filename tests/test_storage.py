@@ -237,7 +237,8 @@ def test_a_replaced_generation_keeps_its_answers_but_not_its_lanes_or_memos():
     assert after == before and before[1] == {("prod-eu", "pay-api"): reqapi.Prediction("500m", "512Mi", "prod-api")}
     # What it keeps is the rules without lanes, and no memo grows any more.
     assert lanes_of(old.rules) == [] and lanes_of(history.current.rules) != []
-    assert allocated_by(lambda: [old.prediction("prod-eu", f"web-{index}") for index in range(300)]) == 0
+    # (300 memoised predictions would keep ~70 KB; a few hundred bytes are the interpreter's own.)
+    assert allocated_by(lambda: [old.prediction("prod-eu", f"web-{index}") for index in range(300)]) < 4096
 
 
 def lanes_of(compiled: reqapi.Rules) -> list:
