@@ -2145,7 +2145,7 @@ def memory_report() -> int:
             # The form reqapi compiled before: every "*" a free repeat that re may backtrack into.
             free = regex.compile("prod\\-[^\\x00]*\\x00" + "".join(
                 "[^\\x00]*" if c == "*" else regex.escape(c) for c in glob))
-            for length in (61, 121):
+            for length in (61, 121, 253):
                 name = crafted[:length]
                 before = _per_call(lambda: free.fullmatch(f"prod-x\x00{name}"), 1)
                 print(f"  {glob:16s} {length:3d} characters: backtracking form {before * 1e3:9.2f} ms")
@@ -2186,8 +2186,11 @@ def memory_report() -> int:
             document["rules"] += [{"id": f"x{i}", "namespace": "shop", "name": f"w-{i}", "cpu": "1"}
                                   for i in range(count // 4)]
 
+            path = workdir / "rules.json"
+            path.write_text(json.dumps(document))
+
             def retired():
-                generation = reqapi.Generation(reqapi.parse_rules(document, "b"))
+                generation = reqapi.Generation(reqapi.load_rules(str(path)))
                 generation.retire()
                 return generation
             generation, kept, _ = _traced(retired)
@@ -2198,9 +2201,9 @@ def memory_report() -> int:
 
         print("\nmemo entries: bytes kept per entry, beside what reqapi counts for it")
         generation = reqapi.Generation(reqapi.parse_rules({}, "b"))
-        _, kept, _ = _traced(lambda: [generation.prediction("prod-eu", f"w{i}-" + "x" * 20) for i in range(20000)])
+        _, kept, _ = _traced(lambda: [generation.prediction("prod-eu", f"w{i}-" + "x" * 20) for i in range(10000)])
         counted = reqapi.PREDICTION_ENTRY_BYTES + len("prod-eu") + len("w10000-" + "x" * 20)
-        print(f"  prediction: {kept / 20000:.0f} B kept, {counted} counted; "
+        print(f"  prediction: {kept / 10000:.0f} B kept, {counted} counted; "
               f"PREDICTION_MEMO_BYTES {reqapi.size_text(reqapi.PREDICTION_MEMO_BYTES)} "
               f"= ~{reqapi.PREDICTION_MEMO_BYTES // counted:,} names")
         import os as _os
@@ -2224,8 +2227,11 @@ def memory_report() -> int:
             api.list_response(options[0]._replace(limit=1))  # the namespace's selection, memoised once
             responses, kept, _ = _traced(lambda: [api.list_response(option) for option in options])
             bodies = sum(len(response.body) for response in responses)
-            print(f"  list of ~100 rows: {(kept - bodies) / 20:.0f} B kept beside its body "
-                  f"(LIST_ENTRY_BYTES {reqapi.Api.LIST_ENTRY_BYTES} + 8 a row + its continue token counted); "
+            counted = sum(reqapi.Api.LIST_ENTRY_BYTES + 8 * option.limit + len(json.loads(response.body)["metadata"]
+                                                                                ["continue"])
+                          for option, response in zip(options, responses))
+            print(f"  list of ~110 rows: {(kept - bodies) / 20:.0f} B kept beside its body, {counted / 20:.0f} counted "
+                  f"(LIST_ENTRY_BYTES {reqapi.Api.LIST_ENTRY_BYTES}, 8 a row, its continue token); "
                   f"LIST_MEMO_BYTES {reqapi.size_text(reqapi.Api.LIST_MEMO_BYTES)}")
         finally:
             time.time = clock
