@@ -377,7 +377,7 @@ def test_a_sigterm_during_start_up_ends_the_process_cleanly(certs, tmp_path):
 # so the signal certainly arrives during start-up, whatever the machine's speed.
 
 class RulesThroughAPipe:
-    """--rules names a symlink to a FIFO: the server's first read blocks until `deliver`; the
+    """--rules names a symlink to a FIFO: the server's first read blocks until the test writes; the
     link is then switched to a regular file, so every later read (the reloader's) is ordinary."""
 
     def __init__(self, directory) -> None:
