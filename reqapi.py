@@ -5442,22 +5442,34 @@ class Api:
         the count left) and the representation.  The raw query does not count: selectors that
         select the same items, a limit above their number, continue tokens that start at the same
         place give the same answer, which is built once."""
-        page = self.storage.list(options)     # selects and sorts the items; building them costs ~20x more
         generation = self.storage.history.current
         now = int(time.time())
         if generation is not self._memo_generation or now != self._memo_second:
             self._memo_for(generation, now)
-        keys = tuple(key for key, _ in page.items)
+        whole = not (options.fields or options.labels or options.limit or options.continue_version
+                     or options.exact_version)
+        if whole:
+            # All of the current generation's items (of a namespace), the common case: looked up
+            # before anything is selected (nothing else decides the bytes), and kept under both keys.
+            response = self._lists.get((options.namespace, options.output, now))
+            if response is not None:
+                return response
+        page = self.storage.list(options)     # selects and sorts the items; building them costs ~20x more
+        keys = tuple(item for item, _ in page.items)
         key = (page.generation.resource_version, options.output, keys, page.continue_token, page.remaining, now)
         response = self._lists.get(key)
         if response is None:
             response = self._list(page, options.output, now)
             size = len(response.body) + self.LIST_ENTRY_BYTES + 8 * len(keys) + len(page.continue_token)
-            if size <= self.LIST_MEMO_BYTES:
-                if self._lists_bytes + size > self.LIST_MEMO_BYTES:
-                    self._lists, self._lists_bytes = {}, 0
-                self._lists[key] = response
-                self._lists_bytes += size
+            if size > self.LIST_MEMO_BYTES:
+                return response
+            if self._lists_bytes + size > self.LIST_MEMO_BYTES:
+                self._lists, self._lists_bytes = {}, 0
+            self._lists[key] = response
+            self._lists_bytes += size
+        if whole and self._lists_bytes + self.LIST_ENTRY_BYTES <= self.LIST_MEMO_BYTES:
+            self._lists[(options.namespace, options.output, now)] = response
+            self._lists_bytes += self.LIST_ENTRY_BYTES
         return response
 
     def _list(self, page: Page, output: Output, now: int) -> Response:
