@@ -1580,8 +1580,8 @@ def versus_throughput(v: Versus) -> list:
 
 
 def versus_holds(v: Versus) -> list:
-    """Part 3: a fresh server each, allowed enough descriptors (and, on the thread-per-connection
-    transport, enough --max-connections) to hold every connection; [(label, hold_test's dict)]."""
+    """Part 3: a fresh server each, allowed enough descriptors (and, where its flags exist, enough
+    --max-connections and --max-watches) to hold every connection; [(label, hold_test's dict)]."""
     args = v.args
     held_total = args.idle_connections + args.watches
     print(f"\n[3/3] held at once: {args.idle_connections} idle keep-alive TLS connections (one GET each) + "
@@ -1590,8 +1590,11 @@ def versus_holds(v: Versus) -> list:
     limit_fds = held_total + 1024
     for interpreter in v.pythons:
         extra = list(args.extra)
-        if "--max-connections" in reqapi_flags(interpreter.path):
+        flags = reqapi_flags(interpreter.path)
+        if "--max-connections" in flags:
             extra += ["--max-connections", str(held_total + 2 * args.probes + 64)]
+        if "--max-watches" in flags:                # a watch beyond the cap is answered 429
+            extra += ["--max-watches", str(args.watches + 16)]
         server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, extra, v.srv_cpu, python=interpreter.path,
                         nofile=limit_fds, name=interpreter.label.replace(" ", "-") + "-held")
         v.servers[server.name] = server
