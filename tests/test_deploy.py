@@ -383,7 +383,7 @@ def test_deployment_is_restricted_and_probed(rendered: dict[str, list[dict[str, 
         assert startup["httpGet"]["scheme"] == "HTTPS" and startup["httpGet"]["port"] == "https"
         assert startup["periodSeconds"] * startup["failureThreshold"] <= 60
 
-    assert ctr["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "100Mi"}}
+    assert ctr["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
 
     mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
