@@ -3208,7 +3208,8 @@ PREDICTION_ENTRY_BYTES = 190
 RETIRED_RULE_BYTES = 450
 RETIRED_CHAR_BYTES = 1
 # With history its named workloads are every workload with history, each with its explanation:
-# 4.6 MiB for 2,000 two-container workloads (RulesHistory.HISTORY_LENGTH's measurement).
+# 4.6 MiB for 2,000 two-container workloads (RulesHistory.HISTORY_LENGTH's measurement), an upper
+# figure for a memoised answer too (one without usage data explains less).
 HISTORY_NAMED_BYTES = 2400
 SELECTION_MEMO_LIMIT = 16   # namespaces whose unfiltered selection a generation keeps (each at most all items)
 CHANGES_MEMO_LIMIT = 16     # (from, to, namespace) differences the storage keeps for watches
@@ -3257,7 +3258,9 @@ class Generation:
             found = (self.rules.predict(namespace, name) if self.history is None
                      else self._predict(namespace, name))
             if not self.retired:
-                size = PREDICTION_ENTRY_BYTES + len(namespace) + len(name)
+                # (With history an answer is its own, explanation included, not one of the rules'.)
+                size = PREDICTION_ENTRY_BYTES + len(namespace) + len(name) + (
+                    0 if self.history is None else HISTORY_NAMED_BYTES)
                 if self._predictions_bytes + size > PREDICTION_MEMO_BYTES:
                     self._predictions, self._predictions_bytes = {}, 0
                 self._predictions[key] = found
