@@ -1902,7 +1902,7 @@ def requests_object(namespace: str, name: str, prediction: Prediction, resource_
                     created: float) -> Document:
     """One Requests object.  The prediction is computed when asked, so — like metrics-server's
     PodMetrics — its creationTimestamp is the time of the answer."""
-    return {
+    obj: Document = {
         "kind": KIND,
         "apiVersion": GROUP_VERSION,
         "metadata": {
@@ -1914,29 +1914,19 @@ def requests_object(namespace: str, name: str, prediction: Prediction, resource_
             "annotations": {RULE_ANNOTATION: prediction.rule},
         },
         "resources": {"cpu": prediction.cpu, "memory": prediction.memory},
-    } if not prediction.source else history_object(namespace, name, prediction, resource_version, created)
-
-
-def history_object(namespace: str, name: str, prediction: Prediction, resource_version: str,
-                   created: float) -> Document:
-    """A Requests object with history configured: the source annotation, the per-container list
-    (multi-container workloads) and the basis, so that the object explains itself."""
-    explanation = prediction.explanation
-    obj: Document = {
-        "kind": KIND,
-        "apiVersion": GROUP_VERSION,
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": object_uid(namespace, name),
-            "resourceVersion": resource_version,
-            "creationTimestamp": rfc3339(created),
-            "annotations": {RULE_ANNOTATION: prediction.rule, SOURCE_ANNOTATION: prediction.source},
-        },
-        "resources": {"cpu": prediction.cpu, "memory": prediction.memory},
     }
+    if prediction.source:
+        explain_history(obj, prediction)
+    return obj
+
+
+def explain_history(obj: Document, prediction: Prediction) -> None:
+    """With history configured, the object explains itself: the source annotation, the
+    per-container list (multi-container workloads) and the basis (added in this key order)."""
+    obj["metadata"]["annotations"][SOURCE_ANNOTATION] = prediction.source
+    explanation = prediction.explanation
     if explanation is None:
-        return obj
+        return
     answers = dict(explanation.containers)
     shadow_or_pinned = prediction.source == SOURCE_RULES
     if len(answers) > 1:
@@ -1961,7 +1951,6 @@ def history_object(namespace: str, name: str, prediction: Prediction, resource_v
         if len(answers) > 1:
             basis["containers"] = [{"name": c, **_recommendation_basis(a)} for c, a in explanation.containers]
     obj["basis"] = basis
-    return obj
 
 
 def _day_text(day: int) -> str:
