@@ -693,17 +693,10 @@ def test_head_of_a_watch_leaves_the_connection_usable(server):
 # against a real server, whose RSS a second wave must leave where the first left it.
 # ---------------------------------------------------------------------------------------
 
-import gc          # noqa: E402
 import os          # noqa: E402
-import tracemalloc  # noqa: E402
 
 from test_floods import FLAT, MiB, probes_answer, two_waves  # noqa: E402
-
-
-def named(count: int) -> dict:
-    return {"defaults": {"cpu": "100m", "memory": "100Mi"},
-            "rules": [{"id": f"w{index}", "namespace": "load", "name": f"w-{index:04d}", "cpu": "1"}
-                      for index in range(count)]}
+from test_storage import allocated_by, many_named  # noqa: E402
 
 
 def in_process_api(document: dict, monkeypatch) -> reqapi.Api:
@@ -722,20 +715,8 @@ def list_of(api: reqapi.Api, query: str, accept: str = "") -> reqapi.Response:
     return api.list_response(reqapi.list_options(request))
 
 
-def kept_by(action) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        action()
-        gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-
-
 def test_lists_that_select_the_same_page_are_one_memo_entry(monkeypatch):
-    api = in_process_api(named(50), monkeypatch)
+    api = in_process_api(many_named(50, "1"), monkeypatch)
     first = list_of(api, "")
     # Junk selectors that select every item, a limit above their number, an Accept header with
     # parameters that do not change the representation: the same answer, built once.
@@ -750,32 +731,32 @@ def test_lists_that_select_the_same_page_are_one_memo_entry(monkeypatch):
 
 def test_the_list_memo_is_bounded_by_bytes(monkeypatch):
     # 1,020 lists with junk query strings reached 713 MB when the memo was bounded by entries.
-    api = in_process_api(named(2000), monkeypatch)
+    api = in_process_api(many_named(2000, "1"), monkeypatch)
     size = len(list_of(api, "").body)
 
     def distinct_pages():
         for index in range(40):                # each leaves out another item: 40 different answers
             assert len(list_of(api, f"fieldSelector=metadata.name!=w-{index:04d}").body) < size
-    kept = kept_by(distinct_pages)
+    kept = allocated_by(distinct_pages)
     print(f"40 lists of {size / MiB:.2f} MiB: the memo kept {kept / MiB:.1f} MiB")
     assert kept <= 8 * MiB + MiB // 2, kept / MiB             # LIST_MEMO_BYTES
     assert reqapi.Api.LIST_MEMO_BYTES == 8 * MiB
 
 
 def test_the_object_memo_is_bounded_by_bytes(monkeypatch):
-    api = in_process_api(named(10), monkeypatch)
+    api = in_process_api(many_named(10, "1"), monkeypatch)
 
     def distinct_names():
         for index in range(30_000):            # ~24 MB of answers (and ~13 MB of predictions) asked for
             assert api.object_json("prod-eu", f"w{index}-" + "x" * 240)
-    kept = kept_by(distinct_names)
+    kept = allocated_by(distinct_names)
     print(f"30,000 distinct 250-character names: the memos kept {kept / MiB:.1f} MiB")
     assert kept <= 4 * MiB + 4 * MiB + MiB // 2, kept / MiB   # OBJECT_MEMO_BYTES + PREDICTION_MEMO_BYTES
     assert reqapi.Api.OBJECT_MEMO_BYTES == 4 * MiB
 
 
 def test_a_memo_entry_costs_no_more_than_counted(monkeypatch):
-    api = in_process_api(named(2000), monkeypatch)
+    api = in_process_api(many_named(2000, "1"), monkeypatch)
     list_of(api, "limit=1")                    # the storage's selection of the namespace, memoised once
     counted = []
 
@@ -784,15 +765,15 @@ def test_a_memo_entry_costs_no_more_than_counted(monkeypatch):
             body = list_of(api, f"limit={100 + index}").body
             token = json.loads(body)["metadata"]["continue"]
             counted.append(len(body) + reqapi.Api.LIST_ENTRY_BYTES + 8 * (100 + index) + len(token))
-    kept = kept_by(lists)
+    kept = allocated_by(lists)
     assert kept <= sum(counted), (kept, sum(counted))
-    api = in_process_api(named(10), monkeypatch)
+    api = in_process_api(many_named(10, "1"), monkeypatch)
     names = [f"w{index}-" + "x" * 100 for index in range(2000)]
 
     def objects():
         for name in names:
             api.object_json("prod-eu", name)
-    kept = kept_by(objects)
+    kept = allocated_by(objects)
     body = len(api.object_json("prod-eu", names[0]))
     counted = len(names) * (body + reqapi.Api.OBJECT_ENTRY_BYTES + len("prod-eu") + len(names[0])
                             + reqapi.PREDICTION_ENTRY_BYTES + len("prod-eu") + len(names[0]))
@@ -820,7 +801,7 @@ def test_a_flood_of_distinct_long_names_leaves_rss_flat(start_server):
 
 
 def test_a_flood_of_lists_with_junk_query_strings_leaves_rss_flat(start_server, tmp_path):
-    rules = write_rules(tmp_path / "rules.json", named(500))
+    rules = write_rules(tmp_path / "rules.json", many_named(500, "1"))
     server = start_server("--rules", str(rules))
     waves = iter(range(2))
 

@@ -170,23 +170,14 @@ def test_many_watches_share_one_selection_one_difference_and_one_encoding_of_a_c
 # generations, counted with tracemalloc (bytes, the same on any machine), never with a clock.
 # ---------------------------------------------------------------------------------------
 
-import gc          # noqa: E402
-import tracemalloc  # noqa: E402
+from test_predictor import traced  # noqa: E402
 
 MiB = 1024 * 1024
 
 
 def allocated_by(action) -> int:
     """Bytes that stay allocated after `action` (what it built and something still holds)."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        action()
-        gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    return traced(action)[1]
 
 
 def long_name(index: int) -> str:
