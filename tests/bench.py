@@ -54,7 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 REQAPI = ROOT / "reqapi.py"
@@ -92,6 +92,25 @@ class BenchError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Small HTTP/1.1 response framing, shared by the probe and the load generator
 # ---------------------------------------------------------------------------------------------
+
+
+def write_json(args: argparse.Namespace, results: Any) -> None:
+    """--json FILE: the raw results (what cannot be encoded is written as its str())."""
+    if not args.json:
+        return
+    try:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"raw results: {args.json}")
+    except OSError as error:
+        print(f"bench: cannot write {args.json}: {error}", file=sys.stderr)
+
+
+def keep_or_remove(args: argparse.Namespace, workdir: Path) -> None:
+    """--keep: say where the temporary directory is; otherwise remove it."""
+    if args.keep:
+        print(f"kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 def request_bytes(port: int, path: str, headers: dict, host: str = "127.0.0.1") -> bytes:
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}"]
@@ -1733,16 +1752,8 @@ def versus_gin(args: argparse.Namespace) -> int:
     finally:
         for server in (v.servers.values() if v else ()):
             server.stop()
-        if args.json:
-            try:
-                Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-                print(f"raw results: {args.json}")
-            except OSError as error:
-                print(f"bench: cannot write {args.json}: {error}", file=sys.stderr)
-        if args.keep:
-            print(f"kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        write_json(args, results)
+        keep_or_remove(args, workdir)
     return code
 
 
@@ -1928,10 +1939,7 @@ def through_apiserver(args: argparse.Namespace) -> int:
             installation.stop()
         plane.stop()
         netns.remove()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"kept: {workdir}")
+        keep_or_remove(args, workdir)
 
 
 HISTORY_EPOCH_DAY = 20_000         # 2024-10-04: the history is dated, reqapi reads it with --history-as-of
@@ -2081,10 +2089,7 @@ def history_bench(args: argparse.Namespace) -> int:
             server.stop()
         if engine is not None:
             engine.stop()
-        if args.keep:
-            print(f"kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        keep_or_remove(args, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2405,16 +2410,8 @@ def main(argv: list) -> int:
                 print(f"server: level {level_text}; log {summary['lines']} lines ({summary['bytes'] / 1e6:.1f} MB), "
                       f"{summary['error_lines']} ERROR lines, {summary['tracebacks']} tracebacks; "
                       f"VmHWM {rss_hwm / 1024 if rss_hwm else 0:.1f} MB; exit code after SIGTERM {exit_code}")
-        if args.json:
-            try:
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-                print(f"raw results: {args.json}")
-            except OSError as error:
-                print(f"bench: cannot write {args.json}: {error}", file=sys.stderr)
-        if args.keep:
-            print(f"kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        write_json(args, results)
+        keep_or_remove(args, workdir)
     return code
 
 
