@@ -308,6 +308,64 @@ def test_the_encoder_writes_each_response_whole_with_its_framing():
     assert b"Transfer-Encoding: chunked\r\n" in encoder.watch_head(reqapi.JSON, "")
 
 
+# The answer memo's pieces: the key of a head (less its Audit-Id) and an answer rebuilt from two parts.
+
+AUDITED = b"GET /apis HTTP/1.1\r\nHost: x\r\nAudit-Id: 0f2b-9C\r\nAccept: */*"
+
+
+@pytest.mark.parametrize("head, expected", [
+    (AUDITED, (b"GET /apis HTTP/1.1\r\nHost: x\r\nAccept: */*", "0f2b-9C")),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: last", (b"GET /apis HTTP/1.1", "last")),
+    (b"GET /apis HTTP/1.1\r\nHost: x", (b"GET /apis HTTP/1.1\r\nHost: x", None)),
+    # Anything but the one plain form is keyed whole: then the head itself decides the Audit-Id.
+    (b"GET /apis HTTP/1.1\r\naudit-id: lower", None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: has space", None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: ", None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id:  padded", None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: " + b"a" * 65, None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: one\r\nAudit-Id: two", None),
+    (b"GET /apis HTTP/1.1\r\nAudit-Id: one\r\nX-Note: audit-id", None),
+])
+def test_the_answer_memo_keys_a_head_without_its_plain_audit_id(head, expected):
+    assert reqapi.head_without_audit_id(head) == (expected or (head, None))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(head=request_heads(), audit_id=st.text("0123456789abcdefABCDEF-", min_size=1, max_size=64))
+def test_two_heads_that_differ_only_in_a_plain_audit_id_share_a_key_and_parse_alike(head, audit_id):
+    with_id = head + b"\r\nAudit-Id: " + audit_id.encode()
+    key, found = reqapi.head_without_audit_id(with_id)
+    if found is None:                 # the head had an Audit-Id of its own: keyed whole
+        assert key == with_id
+        return
+    assert (key, found) == (head, audit_id)
+    try:
+        plain, audited = reqapi.parse_head(head), reqapi.parse_head(with_id)
+    except reqapi.BadRequest:
+        return
+    # Everything but the Audit-Id is the same, so one answer serves both (with its own Audit-Id).
+    assert audited.audit_id == audit_id
+    assert (plain.method, plain.path, plain.segments, plain.query, plain.keep_alive, plain.has_body, plain.watch,
+            plain.websocket) == (audited.method, audited.path, audited.segments, audited.query, audited.keep_alive,
+                                 audited.has_body, audited.watch, audited.websocket)
+    assert [item for item in audited.header_items if item[0] != "audit-id"] == plain.header_items
+
+
+@pytest.mark.parametrize("response", [
+    reqapi.Response(200, b'{"a":1}', reqapi.JSON, (("Cache-Control", "no-cache, private"),)),
+    reqapi.Response(200, b"", reqapi.JSON),
+    reqapi.Response(304, b"", reqapi.JSON, (("ETag", '"1"'),)),
+    reqapi.Response(200, b"x" * 70000, "application/json;as=Table;v=v1;g=meta.k8s.io"),
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("audit_id", ["", "7f9c2d4e-1b3a-4c5d-9e8f-0a1b2c3d4e5f"])
+def test_an_answer_rebuilt_from_the_memo_is_byte_for_byte_the_encoded_one(response, method, audit_id):
+    encoder = reqapi.ResponseEncoder()
+    encoder.http_date = lambda: "Wed, 02 Dec 2026 03:00:00 GMT"     # one Date for both, whatever the clock does
+    head, body = encoder.reusable(response, method)
+    assert reqapi.ResponseEncoder.reuse(head, body, audit_id) == encoder.encode(response, False, method, audit_id)
+
+
 # WebSocket watches: the handshake checks golang.org/x/net/websocket makes for k8s.io/apiserver, and
 # the framing of RFC 6455.
 

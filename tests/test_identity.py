@@ -205,6 +205,38 @@ def test_repeated_group_headers_are_all_groups(secured, pki):
     assert logged(secured, path)["groups"] == ["a", "b", "system:authenticated"]
 
 
+def test_kept_answers_are_told_apart_by_caller_and_certificate(secured, pki):
+    # The transport keeps the answer to a head asked again within the second (AnswerMemo): the same
+    # head from another caller, without a user, or over another certificate is still its own request.
+    from test_transport import Raw
+    path = f"{GV}/namespaces/default/requests/kept"
+
+    def head(user, audit_id):
+        user_line = f"X-Remote-User: {user}\r\n" if user else ""
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\n{user_line}Audit-Id: {audit_id}\r\n\r\n"
+
+    def exchange(client_cert, heads):
+        with Raw(secured, client_cert=client_cert) as conn:
+            conn.send("".join(heads).encode())
+            return [conn.response() for _ in heads]
+
+    through_proxy = exchange(pki.proxy, [head("alice", "a-1"), head("bob", "b-1"), head("alice", "a-2"),
+                                         head(None, "n-1"), head("alice", "a-3")])
+    assert [answer.code for answer in through_proxy] == [200, 200, 200, 401, 200]
+    assert [answer.headers["audit-id"] for answer in through_proxy] == ["a-1", "b-1", "a-2", "n-1", "a-3"]
+    assert [answer.code for answer in exchange(None, [head("alice", "a-4"), head("alice", "a-5")])] == [401, 401]
+    assert [answer.code for answer in exchange(pki.bob, [head("alice", "c-1"), head("alice", "c-2")])] == [200, 200]
+    records = wait_until(lambda: (lambda found: found if len(found) == 9 else None)(
+        {record.get("audit_id"): record for record in request_logs(secured) if record["path"] == path}))
+    assert records, request_logs(secured)
+    users = {audit_id: (record["status"], record["user"], record["auth"]) for audit_id, record in records.items()}
+    assert users == {"a-1": (200, "alice", "front-proxy"), "b-1": (200, "bob", "front-proxy"),
+                     "a-2": (200, "alice", "front-proxy"), "n-1": (401, "system:anonymous", "none"),
+                     "a-3": (200, "alice", "front-proxy"), "a-4": (401, "system:anonymous", "none"),
+                     "a-5": (401, "system:anonymous", "none"), "c-1": (200, "bob", "client-cert"),
+                     "c-2": (200, "bob", "client-cert")}, users
+
+
 def test_front_proxy_certificate_without_user_header_is_401(secured, pki):
     answer = secured.get(OBJECT, client_cert=pki.proxy)
     assert answer.status == 401 and "without a user header" in answer.json()["message"]

@@ -65,10 +65,11 @@ class Raw:
     """One raw connection to the server, TLS by default, with a buffer so that pipelined answers
     can be read one at a time.  Every read has the connection's timeout."""
 
-    def __init__(self, server: Server, tls: bool = True, timeout: float = 5.0, alpn: Optional[list] = None):
+    def __init__(self, server: Server, tls: bool = True, timeout: float = 5.0, alpn: Optional[list] = None,
+                 client_cert: Optional[tuple] = None):
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
         if tls:
-            context = server.certs.client_context()
+            context = server.certs.client_context(client_cert)
             if alpn:
                 context.set_alpn_protocols(alpn)
             try:
@@ -594,6 +595,60 @@ def test_an_invalid_content_length_is_answered_400_and_closed(server, clean_log,
         assert document["message"].startswith("invalid Content-Length "), document
         assert conn.closed_within(2)
     assert wait_until(lambda: re.search(r"bad request status=400", clean_log.new())), "the refusal was not logged"
+
+
+# ---------------------------------------------------------------------------
+# The answer memo: a head asked again within the second gets the kept answer
+# ---------------------------------------------------------------------------
+
+def test_the_answer_memo_keeps_one_state_and_a_bounded_size():
+    memo = reqapi.AnswerMemo()
+    entry = reqapi.MemoEntry(b"HTTP/1.1 200 OK\r\n", b"{}", reqapi.parse_head(b"GET / HTTP/1.1"),
+                             reqapi.ANONYMOUS, "GET", "")
+    generation, later = object(), object()
+    key = (None, b"GET / HTTP/1.1", False)
+    assert memo.get((generation, 1), key) is None
+    memo.put((generation, 1), key, entry)
+    assert memo.get((generation, 1), key) is entry
+    assert memo.get((generation, 1), (None, b"GET / HTTP/1.1", True)) is None     # keyed whole vs. less its id
+    # Another generation or second: nothing kept before serves, even when the old state comes back.
+    assert memo.get((later, 1), key) is None
+    assert memo.get((generation, 1), key) is None
+    # An answer made in a state that has passed meanwhile is not kept.
+    memo.get((generation, 2), key)
+    memo.put((generation, 1), key, entry)
+    assert memo.get((generation, 2), key) is None
+    # Bounded: at MAX_BYTES it starts again, so it never holds more.
+    big = entry._replace(body=b"x" * (reqapi.AnswerMemo.MAX_BYTES // 3))
+    for index in range(10):
+        memo.put((generation, 2), (None, b"%d" % index, False), big)
+        assert memo._bytes <= reqapi.AnswerMemo.MAX_BYTES
+    assert memo.get((generation, 2), (None, b"9", False)) is big
+
+
+def test_a_kept_answer_carries_each_requests_own_audit_id_and_log_line(server, clean_log):
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    heads = [f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: {ids[0]}\r\n\r\n",
+             f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: {ids[1]}\r\n\r\n",
+             f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\n\r\n",
+             f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: not plain {ids[2][:8]}\r\n\r\n",
+             f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: not plain {ids[2][:8]}\r\n\r\n",
+             f"HEAD {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: {ids[2]}\r\n\r\n",
+             f"GET {GOOD_PATH} HTTP/1.1\r\nHost: a\r\nAudit-Id: {ids[2]}\r\n\r\n"]
+    with Raw(server) as conn:
+        conn.send("".join(heads).encode())                     # one write: all within the same second or two
+        answers = [conn.response("HEAD" if head.startswith("HEAD") else "GET") for head in heads]
+    assert [answer.headers.get("audit-id") for answer in answers] == \
+        [ids[0], ids[1], None, f"not plain {ids[2][:8]}", f"not plain {ids[2][:8]}", ids[2], ids[2]]
+    assert all(answer.code == 200 for answer in answers), answers
+    gets = [answer for head, answer in zip(heads, answers) if head.startswith("GET")]
+    assert all(answer.json()["metadata"]["name"] == "web" for answer in gets)
+    assert answers[5].body == b"" and answers[5].headers["content-length"] == answers[6].headers["content-length"]
+    # Each request has its own log line, with its own Audit-Id.
+    for audit_id in ids + [f"not plain {ids[2][:8]}"]:
+        server.wait_for_log(re.escape(f"audit_id={audit_id}"))
+    assert clean_log.new().count(f"audit_id={ids[2]}") == 2
+    assert clean_log.new().count(f"audit_id={ids[0]}") == 1
 
 
 def test_pipelined_requests_are_answered_in_order(server, clean_log):
