@@ -308,6 +308,12 @@ def test_the_encoder_writes_each_response_whole_with_its_framing():
     assert b"Transfer-Encoding: chunked\r\n" in encoder.watch_head(reqapi.JSON, "")
 
 
+@given(st.integers(min_value=0, max_value=253402300799))      # 1970 to 9999
+def test_http_date_writes_what_email_utils_writes(seconds):
+    import email.utils
+    assert reqapi.http_date(seconds) == email.utils.formatdate(seconds, usegmt=True)
+
+
 # The answer memo's pieces: the key of a head (less its Audit-Id) and an answer rebuilt from two parts.
 
 AUDITED = b"GET /apis HTTP/1.1\r\nHost: x\r\nAudit-Id: 0f2b-9C\r\nAccept: */*"
