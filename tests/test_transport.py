@@ -1052,9 +1052,9 @@ def test_a_python_without_the_tls_introspection_reqapi_needs_refuses_to_start(mo
     CPython APIs outside ssl's documented surface: where they are gone, start-up fails, saying so,
     instead of trusting no client certificate or reporting an expiry of 0."""
     assert reqapi.require_tls_introspection()          # this Python has them
-    stripped = types.SimpleNamespace(SSLObject=type("SSLObject", (), {}), _ssl=types.SimpleNamespace())
+    stripped = types.SimpleNamespace(SSLSocket=type("SSLSocket", (), {}), _ssl=types.SimpleNamespace())
     monkeypatch.setattr(reqapi, "ssl", stripped)
-    with pytest.raises(reqapi.ConfigError, match=r"lacks SSLObject\.get_verified_chain .* and "
+    with pytest.raises(reqapi.ConfigError, match=r"lacks SSLSocket\.get_verified_chain .* and "
                                                  r"ssl\._ssl\._test_decode_cert"):
         reqapi.require_tls_introspection()
 
