@@ -4174,12 +4174,17 @@ class Metrics:
 
 
 def record_request(log: Logger, metrics: Metrics, request: Request, identity: Identity, verb: str, resource: str,
-                   code: int, seconds: float, remote: str, audit_id: Optional[str] = None) -> None:
-    """The two traces of an answered request: its metrics and its log line.  `audit_id` is given
-    when the request's own differs from `request`'s (an answer reused from the memo)."""
+                   code: int, seconds: float, remote: str) -> None:
+    """The two traces of an answered request: its metrics and its log line."""
+    record_answer(log, metrics, request.method, request.path, request.audit_id, identity, verb, resource, code,
+                  seconds, remote)
+
+
+def record_answer(log: Logger, metrics: Metrics, method: str, path: str, audit_id: str, identity: Identity,
+                  verb: str, resource: str, code: int, seconds: float, remote: str) -> None:
+    """record_request for an answer whose Request is gone (one kept by the transport's answer memo)."""
     metrics.observe(verb, resource, code, seconds)
-    log.request(request.method, request.path, code, seconds, identity, remote,
-                request.audit_id if audit_id is None else audit_id)
+    log.request(method, path, code, seconds, identity, remote, audit_id)
 
 
 class Health:
@@ -5745,11 +5750,12 @@ HANDSHAKE, IDLE, HEAD, BUSY, WATCH, CLOSING, LINGER = "handshake", "idle", "head
 
 class MemoEntry(NamedTuple):
     """A kept answer: its two parts from ResponseEncoder.reusable, and what its log line and
-    metrics say (the request it was made for gives the method, the path and, when the head was
-    keyed whole, the Audit-Id)."""
+    metrics say (the Audit-Id is the request's when the head was keyed whole)."""
     head: bytes
     body: bytes
-    request: Request
+    method: str
+    path: str
+    audit_id: str
     identity: Identity
     verb: str
     resource: str
@@ -5772,7 +5778,7 @@ class AnswerMemo:
     questions again and again.  Used by the loop's thread only."""
 
     MAX_BYTES = 4 * 1024 * 1024
-    ENTRY_BYTES = 400             # the entry, its key and its dict slot besides the heads and body (tracemalloc)
+    ENTRY_BYTES = 450             # the entry, its key and its dict slot besides the heads, body and path (tracemalloc: ~400)
 
     def __init__(self) -> None:
         self._entries: dict[tuple[Optional[PeerCertificate], bytes, bool], MemoEntry] = {}
@@ -5791,7 +5797,7 @@ class AnswerMemo:
         """Keep an answer made in `state` (taken before it was made: an answer is never older)."""
         if state != self._state:
             return                  # the world changed while it was made: the next get() empties the memo
-        size = len(key[1]) + len(entry.head) + len(entry.body) + self.ENTRY_BYTES
+        size = len(key[1]) + len(entry.head) + len(entry.body) + len(entry.path) + self.ENTRY_BYTES
         if self._bytes + size > self.MAX_BYTES:
             self._entries, self._bytes = {}, 0
         self._entries[key] = entry
@@ -6073,6 +6079,8 @@ class Connection:
                 del inbox[:end + 4]
                 self.scanned = 0
                 self.answer(head)
+                if not inbox:
+                    return                  # the answer set the phase (idle, closing, busy or watch)
             except BadRequest as error:
                 self.refuse(error)
                 return
@@ -6101,10 +6109,10 @@ class Connection:
             entry = server.memo.get(state, memo_key)
             if entry is not None:
                 self.phase = BUSY
-                audit_id = entry.request.audit_id if audit_id is None else audit_id
+                audit_id = entry.audit_id if audit_id is None else audit_id
                 self.send(ResponseEncoder.reuse(entry.head, entry.body, audit_id))
-                record_request(server.log, server.metrics, entry.request, entry.identity, entry.verb,
-                               entry.resource, 200, time.perf_counter() - started, self.remote, audit_id)
+                record_answer(server.log, server.metrics, entry.method, entry.path, audit_id, entry.identity,
+                              entry.verb, entry.resource, 200, time.perf_counter() - started, self.remote)
                 self.after_answer(False)
                 return
         request = parse_head(head)
@@ -6143,8 +6151,8 @@ class Connection:
             return
         if memo_key is not None and outcome.reusable and not close and result.code == 200:
             head, body = server.encoder.reusable(result, request.method)
-            server.memo.put(state, memo_key, MemoEntry(head, body, request, outcome.identity, outcome.verb,
-                                                       outcome.resource))
+            server.memo.put(state, memo_key, MemoEntry(head, body, request.method, request.path, request.audit_id,
+                                                       outcome.identity, outcome.verb, outcome.resource))
             self.send(ResponseEncoder.reuse(head, body, request.audit_id))
         else:
             self.send(server.encoder.encode(result, close, request.method, request.audit_id))
@@ -6277,9 +6285,9 @@ class Connection:
             else:
                 self.close()
             return
-        if self.phase in (IDLE, HEAD, WATCH) and (self.scanned < len(self.inbox) or self.tls.pending()):
-            # Requests that waited for the answers before them to leave, or bytes OpenSSL holds
-            # (the socket will not signal them again).
+        if self.phase in (IDLE, HEAD, WATCH) and self.scanned < len(self.inbox):
+            # Requests that waited for the answers before them to leave (the socket will not
+            # signal them again; read() leaves nothing in OpenSSL).
             self.server.hand(self.pump_if_open)
         wants_input = self.phase in (IDLE, HEAD, WATCH, LINGER) and not self.read_closed \
             and len(self.inbox) < MAX_INBOX
@@ -6401,6 +6409,19 @@ class ReqapiServer(socketserver.TCPServer):
     thread and ~93 KB.  In this loop a request on an open connection is read, answered and written
     by one thread without a hand-off, and an idle connection or an open watch costs only its TLS
     state (tests/bench.py prints the figures beside Go/gin).
+
+    What else a request costs, and what was cut (each measured on one core with wrk at 16
+    connections; a GET of an object took ~165 µs of CPU in this loop at first, beside gin's ~45):
+    - the answer memo (AnswerMemo): a head asked again within the second is answered from the
+      kept bytes, without parsing, routing, identity or encoding (~45 µs of Python);
+    - one read of the socket per readiness (see Connection.read: a third system call and an
+      exception per request went);
+    - answers written at the end of the loop's turn, after every ready connection was read: the
+      client wakes once for several answers (a write that wakes a sleeping peer costs the most of
+      all, in the kernel).
+    Memory BIOs (ssl.MemoryBIO, one recv() per request instead of OpenSSL's two) were tried and
+    dropped: no faster than the above, and each keeps the size of the largest record that passed
+    through it for the connection's life (~20 KiB a connection, where OpenSSL frees its own buffers).
 
     Threads other than the loop's: none for TLS handshakes (they run in the loop, a step per
     readable socket: cheaper than a hand-off to a thread and back); a request that may wait on

@@ -328,7 +328,7 @@ def test_a_get_of_an_object_crosses_few_sections_and_only_downwards(traced_runti
     first, again, later = ([name for name, section, caller in calls if section != caller] for calls in answers[1:4])
     print("sections crossed by a GET of an object:", first, again, later, sep="\n  ")
     # Asked again within the second, the transport's answer memo sends the kept answer: 3 crossings.
-    memo_hit = ["head_without_audit_id", "ResponseEncoder.reuse", "record_request"]
+    memo_hit = ["head_without_audit_id", "ResponseEncoder.reuse", "record_answer"]
     # Otherwise (a new second empties the memos) the request goes through the API and the answer is kept.
     memo_miss = ["head_without_audit_id", "parse_head", "Api.handle", "Access.admit", "object_options",
                  "workload_problems", "Generation.prediction", "requests_object_json", "ResponseEncoder.reusable",

@@ -603,8 +603,7 @@ def test_an_invalid_content_length_is_answered_400_and_closed(server, clean_log,
 
 def test_the_answer_memo_keeps_one_state_and_a_bounded_size():
     memo = reqapi.AnswerMemo()
-    entry = reqapi.MemoEntry(b"HTTP/1.1 200 OK\r\n", b"{}", reqapi.parse_head(b"GET / HTTP/1.1"),
-                             reqapi.ANONYMOUS, "GET", "")
+    entry = reqapi.MemoEntry(b"HTTP/1.1 200 OK\r\n", b"{}", "GET", "/", "", reqapi.ANONYMOUS, "GET", "")
     generation, later = object(), object()
     key = (None, b"GET / HTTP/1.1", False)
     assert memo.get((generation, 1), key) is None
@@ -624,6 +623,27 @@ def test_the_answer_memo_keeps_one_state_and_a_bounded_size():
         memo.put((generation, 2), (None, b"%d" % index, False), big)
         assert memo._bytes <= reqapi.AnswerMemo.MAX_BYTES
     assert memo.get((generation, 2), (None, b"9", False)) is big
+
+
+def test_an_answer_memo_entry_costs_no_more_than_counted():
+    from test_storage import allocated_by
+    memo, state, encoder = reqapi.AnswerMemo(), (object(), 1), reqapi.ResponseEncoder()
+    counted = []
+
+    def answers():
+        for index in range(2000):           # as the transport keeps them: every piece a fresh object
+            path = f"{GV}/namespaces/prod-eu/requests/w{index}-" + "x" * 40
+            head = f"GET {path} HTTP/1.1\r\nHost: a\r\nAccept: application/json".encode()
+            body = json.dumps({"kind": "Requests", "metadata": {"name": path[-45:]}, "pad": "x" * 250}).encode()
+            parts = encoder.reusable(reqapi.Response(200, body), "GET")
+            entry = reqapi.MemoEntry(*parts, "GET", path, "", reqapi.ANONYMOUS, "GET", "requests")
+            memo.put(state, (None, head, False), entry)
+            counted.append(len(head) + len(parts[0]) + len(parts[1]) + len(path) + reqapi.AnswerMemo.ENTRY_BYTES)
+    memo.get(state, (None, b"", False))
+    kept = allocated_by(answers)
+    print(f"an entry: {kept / len(counted):.0f} bytes kept, {sum(counted) / len(counted):.0f} counted")
+    assert kept <= sum(counted), (kept / len(counted), sum(counted) / len(counted))
+    assert memo._bytes == sum(counted)
 
 
 def test_a_kept_answer_carries_each_requests_own_audit_id_and_log_line(server, clean_log):
