@@ -707,10 +707,10 @@ class Server:
 
     def __init__(self, directory: Path, cert: Path, key: Path, rules: Optional[Path], log_level: Optional[str],
                  extra: list, cpu: Optional[int], python: str = sys.executable, nofile: Optional[int] = None,
-                 name: str = "reqapi"):
+                 name: str = "reqapi", script: Path = REQAPI):
         self.directory, self.cert, self.key, self.rules = directory, cert, key, rules
         self.log_level, self.extra, self.cpu = log_level, extra, cpu
-        self.python, self.nofile, self.name = python, nofile, name
+        self.python, self.nofile, self.name, self.script = python, nofile, name, script
         self.log_file = directory / f"{name}.log"
         self.process: Optional[subprocess.Popen] = None
         self.port = 0
@@ -718,7 +718,7 @@ class Server:
         self.tls = ""
 
     def build_command(self) -> list:
-        command = [self.python, str(REQAPI), "--cert", str(self.cert), "--key", str(self.key),
+        command = [self.python, str(self.script), "--cert", str(self.cert), "--key", str(self.key),
                    "--port", str(self.port), "--bind-address", "127.0.0.1"]
         if self.rules:
             command += ["--rules", str(self.rules)]
@@ -1535,6 +1535,13 @@ def versus_throughput(v: Versus) -> list:
                         python=interpreter.path, name=interpreter.label.replace(" ", "-"))
         v.servers[interpreter.label] = server
         server.start(v.context, "/livez")
+    if args.before:
+        # An older reqapi.py in the same rounds (under the first Python), for before/after figures.
+        label = f"before {v.pythons[0].label.split()[-1]}"
+        server = Server(v.workdir, v.cert, v.key, v.rules, args.log_level, args.extra, v.srv_cpu,
+                        python=v.pythons[0].path, name="before", script=Path(args.before).resolve())
+        v.servers[label] = server
+        server.start(v.context, "/livez")
     first = v.servers[v.pythons[0].label]
     reference = https_get(v.context, first.port, VERSUS_ROUTES["object"][0], {})
     if reference["status"] != 200:
@@ -1718,12 +1725,15 @@ def versus_gin(args: argparse.Namespace) -> int:
           f"{PAUSE:g} s pause, a {args.warmup:g} s warm-up per server")
     print(f"  reqapi      : log level {args.log_level or 'the default (a line per request, to a file)'}"
           + (f", extra flags {shlex.join(args.extra)}" if args.extra else ""))
+    if args.before:
+        print(f"  before      : {args.before} in the throughput rounds too, under {pythons[0].version}")
 
     workdir = Path(tempfile.mkdtemp(prefix="reqapi-bench-versus-"))
     results: dict = {"machine": machine, "config": {
         "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
         "pythons": [p._asdict() for p in pythons], "idle_connections": args.idle_connections,
         "watches": args.watches, "starts": args.starts, "max_others": args.max_others, "retries": args.retries,
+        "before": args.before,
         "pinning": {"server_cpu": srv_cpu, "generator_cpu": gen_cpu, "how": pin_how}}, "runs": []}
     v: Optional[Versus] = None
     code = 0
@@ -1825,6 +1835,9 @@ def parse_args(argv: list) -> argparse.Namespace:
     versus.add_argument("--python", action="append", default=[], metavar="PATH",
                         help="interpreter for reqapi; repeat for several (default: this Python and a Python 3.13 "
                              "if one is found)")
+    versus.add_argument("--before", metavar="FILE",
+                        help="an older reqapi.py to run in the same throughput rounds, e.g. from "
+                             "'git show REV:reqapi.py > /tmp/before.py' (labelled 'before')")
     versus.add_argument("--idle-connections", type=int, default=1000,
                         help="idle keep-alive connections held at once (default 1000)")
     versus.add_argument("--watches", type=int, default=500, help="watches held besides (default 500)")
