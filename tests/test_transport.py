@@ -671,6 +671,41 @@ def test_a_kept_answer_carries_each_requests_own_audit_id_and_log_line(server, c
     assert clean_log.new().count(f"audit_id={ids[0]}") == 1
 
 
+def test_a_request_on_an_open_connection_costs_one_read_of_the_socket(certs, monkeypatch):
+    # In this process, so that the TLS socket's reads can be counted: reading on until the socket
+    # was empty took a second recv() per request, which failed with EAGAIN (a system call and an
+    # exception each time).
+    import http.client
+    import threading
+    fd = os.open(os.devnull, os.O_WRONLY)
+    args = reqapi.build_parser().parse_args(["--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                                             "--port", "0", "--bind-address", "127.0.0.1",
+                                             "--shutdown-delay", "0", "--shutdown-timeout", "2"])
+    runtime = reqapi.Runtime(reqapi.Config.from_args(args, environ={}), reqapi.Logger(fd=fd), reqapi.DEFAULT_RULES)
+    reads = []
+    recv = ssl.SSLSocket.recv
+
+    def counted(self, *args, **kwargs):
+        if threading.current_thread().name == "transport":
+            reads.append(1)
+        return recv(self, *args, **kwargs)
+    monkeypatch.setattr(ssl.SSLSocket, "recv", counted)
+    runtime.start()
+    try:
+        connection = http.client.HTTPSConnection(*runtime.address, context=certs.client_context(), timeout=10)
+        connection.request("GET", GOOD_PATH)
+        assert connection.getresponse().read()
+        before = len(reads)
+        for _ in range(50):
+            connection.request("GET", GOOD_PATH)
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+        connection.close()
+    finally:
+        runtime.drain()
+    assert len(reads) - before <= 50 + 2, len(reads) - before      # one a request (and a close)
+
+
 def test_pipelined_requests_are_answered_in_order(server, clean_log):
     requests = b"".join([
         b"GET /livez HTTP/1.1\r\nHost: a\r\nAudit-Id: one\r\n\r\n",
