@@ -6546,12 +6546,7 @@ class ReqapiServer(socketserver.TCPServer):
                     elif conn is self._wake_reader:
                         self._woken()
                     else:
-                        try:
-                            conn.ready(events)
-                        except Exception:       # a bug: this connection closes, the others are served
-                            self.log.log("error", "connection handler failed", remote=conn.remote,
-                                         traceback=traceback_text())
-                            conn.close()
+                        self._contained(conn, conn.ready, events)
                 self._flush_unflushed()
                 for _ in range(len(self._handed)):      # work handed during this turn waits for the next
                     work = self._handed.popleft()
@@ -6672,12 +6667,16 @@ class ReqapiServer(socketserver.TCPServer):
         unflushed, self._unflushed = self._unflushed, []
         for conn in unflushed:
             if conn.open:
-                try:
-                    conn.flush()
-                except Exception:               # a bug: this connection closes, the others are served
-                    self.log.log("error", "connection handler failed", remote=conn.remote,
-                                 traceback=traceback_text())
-                    conn.close()
+                self._contained(conn, conn.flush)
+
+    def _contained(self, conn: Connection, step: Callable[..., None], *args: Any) -> None:
+        """Run one step of `conn`'s work; a bug in it closes that connection (logged with its
+        traceback), and the others are served."""
+        try:
+            step(*args)
+        except Exception:
+            self.log.log("error", "connection handler failed", remote=conn.remote, traceback=traceback_text())
+            conn.close()
 
     def forget(self, conn: Connection) -> None:
         """A connection closed: out of the registry."""
@@ -6728,12 +6727,7 @@ class ReqapiServer(socketserver.TCPServer):
             self._stop_accepting()
         for conn in list(self.connections.values()):
             if conn.write_deadline <= now or conn.deadline <= now:
-                try:
-                    conn.expire(now)
-                except Exception:               # a bug: this connection closes, the others are served
-                    self.log.log("error", "connection handler failed", remote=conn.remote,
-                                 traceback=traceback_text())
-                    conn.close()
+                self._contained(conn, conn.expire, now)
             elif draining and conn.phase == IDLE and not conn.outbox and now - conn.idle_since > 0.5:
                 conn.close()
         if self.watches:
