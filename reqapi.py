@@ -5761,6 +5761,11 @@ class MemoEntry(NamedTuple):
     resource: str
 
 
+# An answer memo key: the client certificate, the request head (less a plain Audit-Id), and
+# whether an Audit-Id was cut out of it.
+MemoKey = tuple[Optional[PeerCertificate], bytes, bool]
+
+
 class AnswerMemo:
     """Answers kept for requests asked again within the same second: a hit is sent without parsing
     the head, routing, authenticating or encoding.  The key is the request head's bytes (less a
@@ -5781,19 +5786,18 @@ class AnswerMemo:
     ENTRY_BYTES = 450             # the entry, its key and its dict slot besides the heads, body and path (tracemalloc: ~400)
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[Optional[PeerCertificate], bytes, bool], MemoEntry] = {}
+        self._entries: dict[MemoKey, MemoEntry] = {}
         self._bytes = 0
         self._state: tuple[Any, ...] = ()
 
-    def get(self, state: tuple[Any, ...], key: tuple[Optional[PeerCertificate], bytes, bool]) -> Optional[MemoEntry]:
+    def get(self, state: tuple[Any, ...], key: MemoKey) -> Optional[MemoEntry]:
         """The answer kept for `key`, if it was kept in this `state` (generation, second, ...)."""
         if state != self._state:
             self._entries, self._bytes, self._state = {}, 0, state
             return None
         return self._entries.get(key)
 
-    def put(self, state: tuple[Any, ...], key: tuple[Optional[PeerCertificate], bytes, bool],
-            entry: MemoEntry) -> None:
+    def put(self, state: tuple[Any, ...], key: MemoKey, entry: MemoEntry) -> None:
         """Keep an answer made in `state` (taken before it was made: an answer is never older)."""
         if state != self._state:
             return                  # the world changed while it was made: the next get() empties the memo
@@ -6100,7 +6104,7 @@ class Connection:
         wait on the network."""
         server = self.server
         started = time.perf_counter()
-        memo_key: Optional[tuple[Optional[PeerCertificate], bytes, bool]] = None
+        memo_key: Optional[MemoKey] = None
         state: tuple[Any, ...] = ()
         if not server.delegated and not server.health.draining and (self.verifies or not server.access.enabled):
             key_head, audit_id = head_without_audit_id(head)
@@ -6139,8 +6143,7 @@ class Connection:
         self.pump()
 
     def deliver(self, request: Request, outcome: Outcome, close: bool, started: float,
-                memo_key: Optional[tuple[Optional[PeerCertificate], bytes, bool]] = None,
-                state: tuple[Any, ...] = ()) -> None:
+                memo_key: Optional[MemoKey] = None, state: tuple[Any, ...] = ()) -> None:
         """Send an answer (kept in the answer memo when it may be: see AnswerMemo), or start a watch."""
         server = self.server
         if server.health.draining:
