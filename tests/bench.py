@@ -2109,8 +2109,9 @@ def history_bench(args: argparse.Namespace) -> int:
 # --memory: the figures behind reqapi's memory bounds and its linear glob matching, in process
 # ---------------------------------------------------------------------------------------------
 
-def _traced(action) -> tuple:
-    """(result, bytes still allocated after it, peak bytes during it), as tracemalloc counts them."""
+def traced(action) -> tuple:
+    """(result, bytes still allocated after it, peak bytes during it), as tracemalloc counts them
+    (tests/test_predictor.py and tests/test_storage.py measure with it too)."""
     import gc
     import tracemalloc
     gc.collect()
@@ -2125,8 +2126,9 @@ def _traced(action) -> tuple:
     return result, kept - base, peak - base
 
 
-def _shaped_rules(count: int, shape: str, length: int = 0) -> dict:
-    """The shapes tests/test_predictor.py measures: exact names, prefixes, suffixes, several "*", classes."""
+def shaped_rules(count: int, shape: str, length: int = 0) -> dict:
+    """Rules of one shape, as tests/test_predictor.py measures them too: exact names, prefixes,
+    suffixes, several "*", classes."""
     pad = "x" * length
     tail = f"-{pad}" if length else ""
     rules = []
@@ -2175,7 +2177,7 @@ def memory_report() -> int:
         for shape, (namespace, name) in {"prefix": ("team990", "svc990-api"), "suffix": ("payments", "billing-w990"),
                                          "multi": ("any", "a.x990.b-c.d-svc"),
                                          "classes": ("tb990-prod", "billing-w990abz")}.items():
-            rules = reqapi.parse_rules(_shaped_rules(1000, shape), shape)
+            rules = reqapi.parse_rules(shaped_rules(1000, shape), shape)
             miss = _per_call(lambda: rules.predict("nowhere", "nothing-matches"), 2000)
             hit = _per_call(lambda: rules.predict(namespace, name), 2000)
             print(f"  {shape:8s} a match {hit * 1e6:6.2f} us, no match {miss * 1e6:6.2f} us")
@@ -2184,14 +2186,14 @@ def memory_report() -> int:
         for shape in ("exact", "prefix", "suffix", "multi", "classes"):
             for length in (0, 100):
                 path = workdir / "rules.json"
-                path.write_text(json.dumps(_shaped_rules(2000, shape, length)))
-                (rules, _), kept, peak = _traced(lambda: (lambda r: (r, reqapi.Generation(r)))(
+                path.write_text(json.dumps(shaped_rules(2000, shape, length)))
+                (rules, _), kept, peak = traced(lambda: (lambda r: (r, reqapi.Generation(r)))(
                     reqapi.load_rules(str(path))))
                 print(f"  {shape:8s} +{length:3d} chars: keeps {kept / 2000:6.0f} B, estimate {rules.memory / 2000:6.0f} B, "
                       f"load peak {peak / 2000:6.0f} B a rule")
         for count in (1000, 10000):
             path = workdir / "rules.json"
-            path.write_text(json.dumps(_shaped_rules(count, "prefix")))
+            path.write_text(json.dumps(shaped_rules(count, "prefix")))
             started = time.perf_counter()
             rules = reqapi.load_rules(str(path))
             print(f"  {count:,} prefix rules load in {time.perf_counter() - started:.2f} s, estimate "
@@ -2203,7 +2205,7 @@ def memory_report() -> int:
 
         print("\npast generations: bytes a retired rules generation keeps, and its estimate")
         for count in (100, 8000):
-            document = _shaped_rules(count, "prefix")
+            document = shaped_rules(count, "prefix")
             document["rules"] += [{"id": f"x{i}", "namespace": "shop", "name": f"w-{i}", "cpu": "1"}
                                   for i in range(count // 4)]
 
@@ -2214,7 +2216,7 @@ def memory_report() -> int:
                 generation = reqapi.Generation(reqapi.load_rules(str(path)))
                 generation.retire()
                 return generation
-            generation, kept, _ = _traced(retired)
+            generation, kept, _ = traced(retired)
             print(f"  {len(document['rules']):,} rules: keeps {reqapi.size_text(kept)}, estimate "
                   f"{reqapi.size_text(generation.memory)}: {reqapi.RulesHistory.MAX_BYTES // generation.memory} "
                   f"fit RulesHistory.MAX_BYTES ({reqapi.size_text(reqapi.RulesHistory.MAX_BYTES)}, at most "
@@ -2222,7 +2224,7 @@ def memory_report() -> int:
 
         print("\nmemo entries: bytes kept per entry, beside what reqapi counts for it")
         generation = reqapi.Generation(reqapi.parse_rules({}, "b"))
-        _, kept, _ = _traced(lambda: [generation.prediction("prod-eu", f"w{i}-" + "x" * 20) for i in range(10000)])
+        _, kept, _ = traced(lambda: [generation.prediction("prod-eu", f"w{i}-" + "x" * 20) for i in range(10000)])
         counted = reqapi.PREDICTION_ENTRY_BYTES + len("prod-eu") + len("w10000-" + "x" * 20)
         print(f"  prediction: {kept / 10000:.0f} B kept, {counted} counted; "
               f"PREDICTION_MEMO_BYTES {reqapi.size_text(reqapi.PREDICTION_MEMO_BYTES)} "
@@ -2237,7 +2239,7 @@ def memory_report() -> int:
         time.time = lambda: 1_800_000_000.0            # one second for every answer: nothing is emptied
         try:
             names = [f"w{i}-" + "x" * 20 for i in range(5000)]
-            _, kept, _ = _traced(lambda: [api.object_json("prod-eu", name) for name in names])
+            _, kept, _ = traced(lambda: [api.object_json("prod-eu", name) for name in names])
             body = len(api.object_json("prod-eu", names[0]))
             counted = body + reqapi.Api.OBJECT_ENTRY_BYTES + len("prod-eu") + len(names[0])
             print(f"  object: {kept / 5000:.0f} B kept with its prediction, {counted} counted "
@@ -2246,7 +2248,7 @@ def memory_report() -> int:
                   f"{reqapi.Api.OBJECT_MEMO_BYTES // counted:,} objects")
             options = [reqapi.ListOptions("load", (), (), reqapi.JSON_OUTPUT, limit=100 + i) for i in range(20)]
             api.list_response(options[0]._replace(limit=1))  # the namespace's selection, memoised once
-            responses, kept, _ = _traced(lambda: [api.list_response(option) for option in options])
+            responses, kept, _ = traced(lambda: [api.list_response(option) for option in options])
             bodies = sum(len(response.body) for response in responses)
             counted = sum(reqapi.Api.LIST_ENTRY_BYTES + 8 * option.limit + len(json.loads(response.body)["metadata"]
                                                                                 ["continue"])

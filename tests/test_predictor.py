@@ -742,41 +742,7 @@ def test_glob_match_agrees_with_fnmatch(glob, text):
 # tracemalloc, the same on any machine.
 # ---------------------------------------------------------------------------------------
 
-import gc          # noqa: E402
-import tracemalloc  # noqa: E402
-
-
-def shaped_rules(count: int, shape: str, length: int = 0) -> dict:
-    pad = "x" * length
-    tail = f"-{pad}" if length else ""
-    rules = []
-    for i in range(count):
-        if shape == "exact":
-            where = {"namespace": f"team{i % 50}{pad[:40]}", "name": f"w{i}{tail}"}
-        elif shape == "prefix":
-            where = {"namespace": f"team{i % 50}{pad[:40]}-*", "name": f"svc{i}{tail}-*"}
-        elif shape == "suffix":
-            where = {"name": f"*-{pad}w{i}"}
-        elif shape == "multi":
-            where = {"namespace": "*", "name": f"*.x{pad}{i}.*-*.*-svc"}
-        else:
-            where = {"namespace": f"t[a-c]{i}-*", "name": f"*-w{i}?[!x]{pad}z"}
-        rules.append({"id": f"rule-{i}{tail}", "cpu": f"{i % 900 + 100}m", "memory": f"{i % 60 + 4}Mi", **where})
-    return {"defaults": {"cpu": "100m", "memory": "100Mi"}, "rules": rules}
-
-
-def traced(action):
-    """(result, bytes still allocated after it, peak bytes during it), as tracemalloc counts them."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        result = action()
-        gc.collect()
-        kept, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return result, kept - base, peak - base
+from bench import shaped_rules, traced  # noqa: E402  (tests/bench.py --memory measures the same way)
 
 
 @pytest.mark.parametrize("shape", ["exact", "prefix", "suffix", "multi", "classes"])

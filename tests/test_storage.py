@@ -170,7 +170,7 @@ def test_many_watches_share_one_selection_one_difference_and_one_encoding_of_a_c
 # generations, counted with tracemalloc (bytes, the same on any machine), never with a clock.
 # ---------------------------------------------------------------------------------------
 
-from test_predictor import traced  # noqa: E402
+from bench import traced  # noqa: E402
 
 MiB = 1024 * 1024
 
