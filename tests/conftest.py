@@ -211,6 +211,18 @@ class Server:
         return self.process.returncode if self.process else 0
 
 
+def runtime_in_process(certs: Certs):
+    """A reqapi Runtime built in this process (not started yet) on a free port with the built-in
+    rules, logging to /dev/null: for the tests that look inside the server (a trace, counted calls)."""
+    import reqapi
+    # Never closed: a daemon thread of the runtime writing a late line must not hit a reused descriptor.
+    fd = os.open(os.devnull, os.O_WRONLY)
+    args = reqapi.build_parser().parse_args(["--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                                             "--port", "0", "--bind-address", "127.0.0.1",
+                                             "--shutdown-delay", "0", "--shutdown-timeout", "2"])
+    return reqapi.Runtime(reqapi.Config.from_args(args, environ={}), reqapi.Logger(fd=fd), reqapi.DEFAULT_RULES)
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory) -> Certs:
     return Certs(tmp_path_factory.mktemp("certs"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import http.client
-import os
 import re
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Optional
 import pytest
 
 import reqapi
+from conftest import runtime_in_process
 
 SOURCE_PATH = Path(reqapi.__file__).resolve()
 SOURCE = SOURCE_PATH.read_text(encoding="utf-8")
@@ -289,12 +289,7 @@ class CrossingTrace:
 def traced_runtime(certs, tmp_path):
     if sys.getprofile() is not None or threading.getprofile() is not None:
         pytest.skip("another profiler (e.g. coverage) is installed: the trace would measure it too")
-    # Never closed: a daemon thread of the runtime writing a late line must not hit a reused descriptor.
-    fd = os.open(os.devnull, os.O_WRONLY)
-    args = reqapi.build_parser().parse_args(["--cert", str(certs.cert_file), "--key", str(certs.key_file),
-                                             "--port", "0", "--bind-address", "127.0.0.1",
-                                             "--shutdown-delay", "0", "--shutdown-timeout", "2"])
-    runtime = reqapi.Runtime(reqapi.Config.from_args(args, environ={}), reqapi.Logger(fd=fd), reqapi.DEFAULT_RULES)
+    runtime = runtime_in_process(certs)
     trace = CrossingTrace()
     threading.setprofile(trace)          # threads started from now on: the connection threads
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import resource
 import selectors
@@ -36,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reqapi
-from conftest import GV, Server, wait_until, write_rules
+from conftest import GV, Server, runtime_in_process, wait_until, write_rules
 from test_http_messages import assert_status_document, request_heads
 
 GOOD_PATH = f"{GV}/namespaces/default/requests/web"
@@ -677,11 +676,7 @@ def test_a_request_on_an_open_connection_costs_one_read_of_the_socket(certs, mon
     # exception each time).
     import http.client
     import threading
-    fd = os.open(os.devnull, os.O_WRONLY)
-    args = reqapi.build_parser().parse_args(["--cert", str(certs.cert_file), "--key", str(certs.key_file),
-                                             "--port", "0", "--bind-address", "127.0.0.1",
-                                             "--shutdown-delay", "0", "--shutdown-timeout", "2"])
-    runtime = reqapi.Runtime(reqapi.Config.from_args(args, environ={}), reqapi.Logger(fd=fd), reqapi.DEFAULT_RULES)
+    runtime = runtime_in_process(certs)
     reads = []
     recv = ssl.SSLSocket.recv
 
