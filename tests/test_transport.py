@@ -701,6 +701,34 @@ def test_a_request_on_an_open_connection_costs_one_read_of_the_socket(certs, mon
     assert len(reads) - before <= 50 + 2, len(reads) - before      # one a request (and a close)
 
 
+def test_a_bug_while_answering_closes_only_that_connection(certs, monkeypatch):
+    # A test double for what the real server cannot be made to do: fail while it answers.  The
+    # failing connection is closed; the loop goes on serving the others.
+    import http.client
+    runtime = runtime_in_process(certs)
+    answer = reqapi.Connection.answer
+
+    def failing(self, head):
+        if b"/boom" in head:
+            raise RuntimeError("a bug")
+        return answer(self, head)
+    monkeypatch.setattr(reqapi.Connection, "answer", failing)
+    runtime.start()
+    try:
+        broken = http.client.HTTPSConnection(*runtime.address, context=certs.client_context(), timeout=10)
+        broken.request("GET", "/boom")
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            broken.getresponse()
+        broken.close()
+        fine = http.client.HTTPSConnection(*runtime.address, context=certs.client_context(), timeout=10)
+        fine.request("GET", GOOD_PATH)
+        response = fine.getresponse()
+        assert response.status == 200 and response.read()
+        fine.close()
+    finally:
+        runtime.drain()
+
+
 def test_pipelined_requests_are_answered_in_order(server, clean_log):
     requests = b"".join([
         b"GET /livez HTTP/1.1\r\nHost: a\r\nAudit-Id: one\r\n\r\n",
