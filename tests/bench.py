@@ -1183,6 +1183,25 @@ def image_command(python: str, cert: Path, key: Path, port: int, no_site: bool =
     return argv, env
 
 
+def precompiled_command(python: str, cert: Path, key: Path, port: int, directory: Path) -> tuple:
+    """(argv, env) of image_command(..., no_site=True) as `python -S -P -m reqapi` from a copy of
+    reqapi.py in `directory` compiled beforehand: what the image would start if its command ran a
+    module.  Not the product's shape (the image runs the script, and CPython compiles a script at
+    every start, never from a .pyc); measured to show what that compilation costs at start-up."""
+    argv, env = image_command(python, cert, key, port, no_site=True)
+    at = argv.index(str(REQAPI))
+    # -P: not the working directory first on sys.path, where a reqapi.py without its .pyc may be.
+    return argv[:at] + ["-P", "-m", "reqapi"] + argv[at + 1:], {**env, "PYTHONPATH": str(directory)}
+
+
+def compile_copy(python: str, directory: Path) -> Path:
+    """A copy of reqapi.py in `directory`, compiled to its .pyc by `python`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REQAPI, directory / "reqapi.py")
+    subprocess.run([python, "-m", "py_compile", str(directory / "reqapi.py")], check=True)
+    return directory
+
+
 def start_once(name: str, argv: list, env: dict, port: int, cpu: Optional[int], context: ssl.SSLContext,
                log_path: Path) -> tuple:
     """Start argv on `cpu` and poll /livez until 200: (ms from just before the exec to the end of that
@@ -1513,6 +1532,14 @@ def versus_startups(v: Versus) -> list:
             startups.append(entry)
             print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
                   f"({entry['command']})")
+        directory = compile_copy(interpreter.path, v.workdir / f"precompiled-{interpreter.version}")
+        name = f"{interpreter.label} -S -m, .pyc"
+        entry = measure_startups(
+            name, lambda port, p=interpreter.path, d=directory: precompiled_command(p, v.cert, v.key, port, d),
+            v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+        startups.append(entry)
+        print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
+              f"({entry['command']})")
     # gin's body file is a placeholder here: /livez is what is asked.
     v.body_file.write_bytes(b"{}")
     gin_env = {**os.environ, "GOMAXPROCS": "1"}
@@ -1675,11 +1702,13 @@ def print_versus_report(v: Versus, labels: list, holds: list, startups: list) ->
           "the Deployment's --cert/--key/--rules/--port) ==")
     print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
     print("-S = the same command with python -S: no site-packages start-up hooks (this machine's "
-          "interpreters have some; the distroless image has none);\nothers = as above, the most over the starts, "
+          "interpreters have some; the distroless image has none);\n-S -m, .pyc = `python -S -m reqapi` "
+          "from a copy compiled beforehand: not how the image starts reqapi (a script is compiled at every "
+          "start),\nshown for what that compilation costs; others = as above, the most over the starts, "
           f"from exec to the answer; {sum(e['repeated'] for e in startups)} starts were done again because others "
           f"exceeded {fmt_share(args.max_others)}.")
     for entry in startups:
-        if entry["name"].startswith("reqapi") and not entry["name"].endswith(" -S"):
+        if entry["name"].startswith("reqapi") and "-S" not in entry["name"]:
             print(f"  {entry['name']}: {entry['command']}")
     print(f"\nload average at the end: {load_average()}")
 
