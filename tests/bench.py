@@ -1702,7 +1702,7 @@ def print_versus_report(v: Versus, labels: list, holds: list, startups: list) ->
           "the Deployment's --cert/--key/--rules/--port) ==")
     print_startups(startups, (TARGET_STARTUP_MS, TARGET_RSS_MB))
     print("-S = the same command with python -S: no site-packages start-up hooks (this machine's "
-          "interpreters have some; the distroless image has none);\n-S -m, .pyc = `python -S -m reqapi` "
+          "interpreters have some; the distroless image has none);\n-S -m, .pyc = `python -S -P -m reqapi` "
           "from a copy compiled beforehand: not how the image starts reqapi (a script is compiled at every "
           "start),\nshown for what that compilation costs; others = as above, the most over the starts, "
           f"from exec to the answer; {sum(e['repeated'] for e in startups)} starts were done again because others "
