@@ -5859,7 +5859,11 @@ class Connection:
         self.outbox: deque[bytes] = deque()
         self.outbox_bytes = 0
         self.frozen = False               # outbox[0] must be retried as is (OpenSSL's rule after WANT_WRITE)
-        self.deadline = now + server.settings.tls_handshake_timeout   # of the phase (handshake, idle, head, linger)
+        # The phase's deadline bounds how long the client may take to send (its handshake, its next
+        # request, the rest of a head, a lingering close).  It does not run while the server answers
+        # (busy, watch) or while answers wait to leave: then only --write-timeout applies, to a
+        # client that stops reading, and the phase's clock starts again once the client has them all.
+        self.deadline = now + server.settings.tls_handshake_timeout
         self.write_deadline = math.inf    # while an answer waits for the client to read it
         self.idle_since = now
         self.linger_after = False         # after the last byte: read and drop what the client still sends
@@ -5902,7 +5906,7 @@ class Connection:
         """Called by the sweep: enforce the phase's deadline and the write deadline."""
         if self.write_deadline <= now:
             self.close()                        # a client that stopped reading its answer
-        elif self.deadline <= now:
+        elif self.deadline <= now and not self.outbox:
             if self.phase == HEAD and self.tls is not None:
                 self.refuse(BadRequest(408, "Timeout", f"the request head did not arrive within "
                                                        f"{self.server.settings.read_header_timeout:g}s"))
@@ -5985,6 +5989,10 @@ class Connection:
     def start_head(self) -> None:
         self.phase = HEAD
         self.deadline = time.monotonic() + self.server.settings.read_header_timeout
+
+    def become_busy(self) -> None:
+        """Answering a request (then, perhaps, streaming a watch): no phase deadline runs."""
+        self.phase, self.deadline = BUSY, math.inf
 
     def pump(self) -> None:
         """Read what the client sent, answer the complete requests among it (in order), and write:
@@ -6112,7 +6120,7 @@ class Connection:
             state = server.memo_state()
             entry = server.memo.get(state, memo_key)
             if entry is not None:
-                self.phase = BUSY
+                self.become_busy()
                 audit_id = entry.audit_id if audit_id is None else audit_id
                 self.send(ResponseEncoder.reuse(entry.head, entry.body, audit_id))
                 record_answer(server.log, server.metrics, entry.method, entry.path, audit_id, entry.identity,
@@ -6127,7 +6135,7 @@ class Connection:
             self.linger_after = True
         if not self.verifies and server.access.enabled:
             close = True            # opened before client certificates were asked for: reconnect
-        self.phase = BUSY
+        self.become_busy()
         if server.delegated and server.api.may_block(request):
             server.answer_in_worker(self, request, close, started)
             return
@@ -6309,6 +6317,7 @@ class Connection:
         (pipelined requests, watch events) leave in one write; a TLS write cut short is retried with
         the same bytes.  False if the connection broke (it is closed)."""
         outbox = self.outbox
+        stalled = self.write_deadline < math.inf
         while outbox:
             if not self.frozen and len(outbox) > 1 and len(outbox[0]) < HIGH_WATER:
                 joined, size = [], 0
@@ -6333,6 +6342,12 @@ class Connection:
             self.outbox_bytes -= len(data)
             self.server.queue(-len(data))
             self.write_deadline = math.inf   # progress: --write-timeout counts from the next stall
+        if stalled:
+            # The client has every answer only now: the wait for its next request starts now.
+            if self.phase == IDLE:
+                self.become_idle(time.monotonic())
+            elif self.phase == HEAD:
+                self.start_head()
         return True
 
     def start_linger(self) -> None:

@@ -65,8 +65,12 @@ class Raw:
     can be read one at a time.  Every read has the connection's timeout."""
 
     def __init__(self, server: Server, tls: bool = True, timeout: float = 5.0, alpn: Optional[list] = None,
-                 client_cert: Optional[tuple] = None):
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+                 client_cert: Optional[tuple] = None, receive_buffer: Optional[int] = None):
+        sock = socket.socket()
+        sock.settimeout(timeout)
+        if receive_buffer:                  # a small TCP window: the server must wait for this client
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.connect(("127.0.0.1", server.port))
         if tls:
             context = server.certs.client_context(client_cert)
             if alpn:
@@ -838,6 +842,49 @@ def test_a_trickled_head_is_cut_off_at_the_read_header_timeout(start_server, aft
             assert_status(answer, 408, "Timeout")
             assert answer.headers.get("connection") == "close"
         assert conn.closed_within(2)
+    log.assert_clean()
+
+
+def test_a_watch_outlives_the_read_header_and_idle_timeouts(start_server):
+    """The head and idle deadlines bound how long a client may take to send; they do not run while
+    the server streams a watch.  (They did: every watch was cut, without its last chunk, at the
+    read-header timeout, 30 s by default.)"""
+    server = start_server("--read-header-timeout", "1s", "--idle-timeout", "1s")
+    log = LogWatch(server)
+    with Raw(server, timeout=10) as conn:
+        started = time.monotonic()
+        conn.send(f"GET {GV}/requests?watch=1&timeoutSeconds=3 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        head = conn.response(read_body=False)
+        assert head.code == 200
+        conn.with_body(head)                    # up to its last chunk; a cut raises AssertionError
+        assert time.monotonic() - started >= 2.9, "the watch ended before its timeoutSeconds"
+        conn.send(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")   # and the connection carries on
+        assert conn.response().code == 200
+    log.assert_clean()
+
+
+def test_a_slow_but_steady_reader_gets_the_whole_answer_and_keeps_its_connection(start_server, tmp_path):
+    """A big answer read at a steady pace for longer than the head and idle timeouts arrives whole
+    (only --write-timeout cuts a reader, one that stops); the wait for the next request starts when
+    the client has the answer.  (Answers were cut mid-body at the idle or read-header timeout.)"""
+    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
+    server = start_server("--rules", str(rules), "--read-header-timeout", "2s", "--idle-timeout", "2s",
+                          "--write-timeout", "10s")
+    log = LogWatch(server)
+    whole = server.get(f"{GV}/requests", timeout=10).body
+    assert len(whole) > 900_000             # ~60 TLS records
+    with Raw(server, timeout=10, receive_buffer=4096) as conn:
+        conn.send(f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        started = time.monotonic()
+        while len(conn.buffer) < len(whole):
+            conn._fill()                        # a TLS record at most: 16 KB
+            time.sleep(0.06)                    # the pause IS the slow reader under test (~4 s in all)
+        answer = conn.response()
+        assert answer.code == 200 and answer.body == whole
+        assert time.monotonic() - started > 2.5, "the answer came too fast to outlast the 2 s timeouts"
+        assert not conn.closed_within(0.5), "closed at once after the answer: the idle wait started long before"
+        conn.send(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.response().code == 200
     log.assert_clean()
 
 
