@@ -2730,7 +2730,7 @@ def websocket_upgrade(request: Request) -> WebSocketUpgrade:
     if len(offered) > 1:
         raise HTTPError.bad_request(f"offer one Sec-WebSocket-Protocol, not {len(offered)} "
                                     f"({', '.join(offered)[:200]}), as Kubernetes API servers require")
-    accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + WEBSOCKET_GUID).digest()).decode()
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WEBSOCKET_GUID).digest()).decode()   # the bytes sent
     return WebSocketUpgrade(accept, offered[0] if offered else "")
 
 
@@ -2776,7 +2776,12 @@ def http_date(seconds: float) -> str:
 
 class ResponseEncoder:
     """The one place response bytes are made: status line, headers and body, in the order the
-    server has always sent them.  It owns the Date header, formatted once a second."""
+    server has always sent them.  It owns the Date header, formatted once a second.
+
+    Heads are encoded as UTF-8: the values a request's headers bring back (its Audit-Id, the
+    Sec-WebSocket-Protocol it offered) leave as the bytes the client sent, since parse_head read
+    them as UTF-8 (bytes that were not UTF-8 come back as U+FFFD).  Everything else in a head is
+    ASCII."""
 
     def __init__(self) -> None:
         self._date_second = -1
@@ -2811,7 +2816,7 @@ class ResponseEncoder:
     def reuse(head: bytes, body: bytes, audit_id: str) -> bytes:
         """An answer from the memo's two parts: the same bytes encode() makes for `audit_id`."""
         if audit_id:
-            return b"%sAudit-Id: %s\r\n\r\n%s" % (head, audit_id.encode("latin-1"), body)
+            return b"%sAudit-Id: %s\r\n\r\n%s" % (head, audit_id.encode(), body)
         return b"%s\r\n%s" % (head, body)
 
     def watch_head(self, content_type: str, audit_id: str) -> bytes:
@@ -2822,7 +2827,7 @@ class ResponseEncoder:
     def head(self, code: int, content_type: str, fields: str) -> bytes:
         """A response head: the status line, Date, Content-Type, then `fields` (CRLF-terminated lines)."""
         return (f"HTTP/1.1 {code} {REASONS.get(code, 'Unknown')}\r\nDate: {self.http_date()}\r\n"
-                f"Content-Type: {content_type}\r\n{fields}\r\n").encode("latin-1")
+                f"Content-Type: {content_type}\r\n{fields}\r\n").encode()
 
     @staticmethod
     def chunk(event: bytes) -> bytes:
@@ -2835,7 +2840,7 @@ class ResponseEncoder:
         """The 101 answer to a WebSocket handshake, with the fields golang.org/x/net/websocket sends."""
         protocol = f"Sec-WebSocket-Protocol: {upgrade.protocol}\r\n" if upgrade.protocol else ""
         return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {upgrade.accept}\r\n{protocol}\r\n").encode("latin-1")
+                f"Sec-WebSocket-Accept: {upgrade.accept}\r\n{protocol}\r\n").encode()
 
     @staticmethod
     def websocket_frame(payload: bytes, opcode: int = WS_TEXT) -> bytes:

@@ -17,7 +17,9 @@ the trickle test, where the slowness is the behaviour under test.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import hashlib
 import json
 import re
 import resource
@@ -672,6 +674,33 @@ def test_a_kept_answer_carries_each_requests_own_audit_id_and_log_line(server, c
         server.wait_for_log(re.escape(f"audit_id={audit_id}"))
     assert clean_log.new().count(f"audit_id={ids[2]}") == 2
     assert clean_log.new().count(f"audit_id={ids[0]}") == 1
+
+
+def test_header_values_beyond_latin_1_are_echoed_as_sent(server, clean_log):
+    """An Audit-Id (or an offered Sec-WebSocket-Protocol) outside Latin-1 goes back as the UTF-8
+    bytes the client sent; bytes that are not UTF-8 come back as U+FFFD.  (Encoding the head as
+    Latin-1 raised: the connection was closed without an answer, and so were the answers of the
+    requests pipelined before it.)"""
+    ids = ["ok-1".encode(), "€-1".encode(), "€-1".encode(), b"\xff\xfe", "張三-w".encode()]
+    heads = [b"GET %s HTTP/1.1\r\nHost: a\r\nAudit-Id: %s\r\n\r\n" % (GOOD_PATH.encode(), audit_id)
+             for audit_id in ids[:4]]
+    heads.append(b"GET %s/requests?watch=1&timeoutSeconds=1 HTTP/1.1\r\nHost: a\r\nAudit-Id: %s\r\n\r\n"
+                 % (GV.encode(), ids[4]))
+    with Raw(server) as conn:
+        conn.send(b"".join(heads))             # the second and third: a miss, then a kept answer
+        answers = [conn.response() for _ in heads]
+    assert [answer.code for answer in answers] == [200] * 5
+    echoed = [answer.headers["audit-id"].encode("latin-1") for answer in answers]
+    assert echoed == ids[:3] + ["\ufffd\ufffd".encode(), ids[4]]
+    with Raw(server) as conn:
+        conn.send(f"GET {GV}/requests?watch=1&timeoutSeconds=1 HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                  f"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: €-key\r\n"
+                  f"Origin: http://a\r\nSec-WebSocket-Protocol: €.k8s.io\r\n\r\n".encode())
+        answer = conn.response(read_body=False)
+    assert answer.code == 101, answer
+    assert answer.headers["sec-websocket-protocol"].encode("latin-1") == "€.k8s.io".encode()
+    accept = base64.b64encode(hashlib.sha1("€-key".encode() + reqapi.WEBSOCKET_GUID).digest()).decode()
+    assert answer.headers["sec-websocket-accept"] == accept
 
 
 def test_a_request_on_an_open_connection_costs_one_read_of_the_socket(certs, monkeypatch):
