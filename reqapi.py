@@ -5733,10 +5733,14 @@ class TransportSettings:
 
 # Flow control.  A connection's output queue may grow to HIGH_WATER bytes before the loop stops
 # taking its next pipelined request; a watch's to WATCH_HIGH_WATER before it stops taking events
-# from its stream (the events wait, unencoded, in the stream).  A client that stops reading is cut
-# off at --write-timeout, or sooner when all the queues together hold more than QUEUED_LIMIT: then
-# the connections stalled longest are closed until they hold less (a hostile client can pipeline
-# big lists and never read them; nobody else waits because of it).
+# from its stream (the events wait, unencoded, in the stream).  All the queues together hold at
+# most QUEUED_LIMIT, plus the one answer or event being queued when it was reached: beyond it no
+# connection takes a request or an event until they hold less (the connections that waited for
+# room are answered first), and the connections whose clients stopped reading longest are closed
+# until they do.  So a hostile client can pipeline big lists and never read them, or a thousand
+# clients can each ask for one at once, and memory stays bounded (without the global check, a
+# burst of 300 such requests queued 300 MB within one turn of the loop).  A client that stops
+# reading is cut off at --write-timeout in any case.
 HIGH_WATER = 256 * 1024
 WATCH_HIGH_WATER = 32 * 1024
 QUEUED_LIMIT = 8 * 1024 * 1024
@@ -6009,8 +6013,10 @@ class Connection:
                 self.drop_input()
                 return
             if self.phase in (IDLE, HEAD) and self.scanned < len(self.inbox) and self.outbox_bytes < HIGH_WATER:
-                self.take_requests()
-                continue
+                if self.server.queued < QUEUED_LIMIT:
+                    self.take_requests()
+                    continue
+                self.wait_for_room()
             if self.phase == WATCH and self.inbox:
                 self.watch_input()
                 if not self.open or self.phase != WATCH:
@@ -6023,6 +6029,18 @@ class Connection:
             unread = False
         if self.open:
             self.server.flush_later(self)
+
+    def wait_for_room(self) -> None:
+        """The queues are full (see QUEUED_LIMIT): the server, not the client, holds this request
+        up, so no head deadline runs until the server lets it in (room_again)."""
+        self.deadline = math.inf
+        self.server.wait_for_room(self)
+
+    def room_again(self) -> None:
+        if self.open:
+            if self.phase == HEAD:
+                self.start_head()
+            self.pump()
 
     def read(self) -> bool:
         """One recv() (a TLS record: OpenSSL reads its header and its body from the socket), and
@@ -6058,8 +6076,9 @@ class Connection:
     def take_requests(self) -> None:
         """Answer the complete heads in the inbox, in order, while the answers fit under the high
         water; the start of an unfinished one waits for more bytes within --read-header-timeout."""
-        inbox = self.inbox
-        while self.open and self.phase in (IDLE, HEAD) and self.outbox_bytes < HIGH_WATER:
+        inbox, server = self.inbox, self.server
+        while self.open and self.phase in (IDLE, HEAD) and self.outbox_bytes < HIGH_WATER \
+                and server.queued < QUEUED_LIMIT:
             start = 0
             while inbox.startswith(b"\r\n", start):    # tolerated between pipelined requests (RFC 9112 §2.2)
                 start += 2
@@ -6216,7 +6235,7 @@ class Connection:
         stream, unencoded, until the client reads).  How many were taken."""
         watch = self.watch
         taken = 0
-        while self.outbox_bytes < WATCH_HIGH_WATER and taken < EVENTS_PER_TURN:
+        while self.outbox_bytes < WATCH_HIGH_WATER and taken < EVENTS_PER_TURN and self.server.queued < QUEUED_LIMIT:
             try:
                 event = next(watch.events)
             except StopIteration:
@@ -6467,6 +6486,7 @@ class ReqapiServer(socketserver.TCPServer):
         # client then wakes once for several answers, not once per answer (measured on one core
         # with wrk at 16 connections: ~80 instead of ~97 µs a request, and a lower p99).
         self._unflushed: list[Connection] = []
+        self._waiting_for_room: dict[Connection, None] = {}    # (an ordered set) see QUEUED_LIMIT
         self.request_queue_size = min(4096, max(128, settings.max_connections))
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # The registry, changed by the loop thread only (through accept, evict and forget).
@@ -6578,8 +6598,12 @@ class ReqapiServer(socketserver.TCPServer):
                     except Exception:           # a bug: logged; the loop goes on serving
                         self.log.log("error", "transport work failed", traceback=traceback_text())
                 self._flush_unflushed()
-                if self.queued > QUEUED_LIMIT:
+                if self.queued >= QUEUED_LIMIT:
                     self._cut_slow_readers()
+                if self._waiting_for_room and self.queued < QUEUED_LIMIT:
+                    waiting, self._waiting_for_room = self._waiting_for_room, {}
+                    for conn in waiting:
+                        self.hand(conn.room_again)          # next turn, in the order they waited
                 if history.current is not self._generation or history.closed:
                     self._generation = history.current
                     self._resume_watches()
@@ -6672,15 +6696,19 @@ class ReqapiServer(socketserver.TCPServer):
         self.queued += size
 
     def _cut_slow_readers(self) -> None:
-        """Over QUEUED_LIMIT: close the connections whose writes have stalled longest until the
+        """At QUEUED_LIMIT: close the connections whose writes have stalled longest until the
         queues hold less.  Connections whose clients keep reading are left alone."""
         stalled = sorted((conn for conn in self.connections.values() if conn.write_deadline < math.inf),
                          key=lambda conn: conn.write_deadline)
         for conn in stalled:
-            if self.queued <= QUEUED_LIMIT:
+            if self.queued < QUEUED_LIMIT:
                 break
             self.metrics.increment("slow_readers_cut_total")
             conn.close()
+
+    def wait_for_room(self, conn: Connection) -> None:
+        """`conn` has a request to answer, but the queues are full: answered when they have room."""
+        self._waiting_for_room[conn] = None
 
     def flush_later(self, conn: Connection) -> None:
         """Write `conn`'s answers at the end of this turn of the loop (see _unflushed)."""

@@ -1315,6 +1315,41 @@ def test_watches_whose_clients_stop_reading_hold_little_memory_and_stall_nobody(
     log.assert_clean()
 
 
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def test_a_burst_of_big_answers_nobody_reads_stays_within_the_queue_limit(start_server, tmp_path):
+    """60 clients ask for a ~1 MB list at once and never read it.  The queues hold at most
+    QUEUED_LIMIT (8 MiB) plus an answer: the rest wait for room, the stalled are cut off, /livez
+    is answered meanwhile.  (The limit was checked only once per turn of the loop, after every
+    ready connection had queued its answer: 60 MB here, 300 MB for 300 clients.)"""
+    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
+    server = start_server("--rules", str(rules), "--write-timeout", "60s")
+    log = LogWatch(server)
+    pid = server.process.pid
+    assert len(server.get(f"{GV}/requests", timeout=10).body) > 900_000     # ~1 MB, memoised now
+    clients = [Raw(server, timeout=10, receive_buffer=1024) for _ in range(60)]
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")                    # VmHWM := VmRSS: the peak from here on
+        before = peak_rss_bytes(pid)
+        request = f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        for client in clients:
+            client.send(request)
+        assert server.try_get("/livez") == 200
+        # All but the few whose answers fit under the limit are cut off, none by --write-timeout.
+        assert wait_until(lambda: metric(server, "slow_readers_cut_total") >= 50, timeout=30)
+        grown = peak_rss_bytes(pid) - before
+        print(f"peak RSS grew {grown / 2**20:.1f} MiB for 60 unread answers of ~1 MB")
+        assert grown < 30 * 2**20, f"peak RSS grew {grown / 2**20:.1f} MiB: the answers were queued beyond the limit"
+    finally:
+        for client in clients:
+            client.close()
+    log.assert_clean()
+
+
 class SplitRecords:
     """A TLS client over a raw socket (ssl.MemoryBIO), so that the test decides how the bytes of
     each TLS record are cut into TCP writes."""
