@@ -4094,7 +4094,8 @@ class Metrics:
                                               "--max-connections."),
                 ("watches_rejected_total", "Watches answered 429 because --max-watches were open."),
                 ("slow_readers_cut_total", "Connections closed because the answers they left unread held more "
-                                           "than the transport's queue limit."),
+                                           "than the transport's queue limit, or to make room for a new one at "
+                                           "--max-connections."),
                 ("tls_handshake_failures_total", "Connections whose TLS handshake failed or timed out."))
 
     def __init__(self) -> None:
@@ -6680,16 +6681,24 @@ class ReqapiServer(socketserver.TCPServer):
 
     def _evict(self) -> bool:
         """Make room for a new connection by closing the one that has waited longest without work
-        in progress (an unfinished handshake or head, or an idle keep-alive).  False if none can go."""
+        in progress (an unfinished handshake or head, or an idle keep-alive); failing that, the one
+        whose client has left its answers unread longest (else such clients, one per slot, would
+        keep the kubelet's probes out until --write-timeout).  False if none can go."""
         oldest: Optional[Connection] = None
+        stalled: Optional[Connection] = None
         for conn in self.connections.values():
-            if conn.evictable and (oldest is None or conn.idle_since < oldest.idle_since):
-                oldest = conn
-        if oldest is None:
-            return False
-        self.metrics.increment("connections_evicted_total")
-        oldest.close()
-        return True
+            if conn.evictable:
+                if oldest is None or conn.idle_since < oldest.idle_since:
+                    oldest = conn
+            elif conn.write_deadline < math.inf and (stalled is None or conn.write_deadline < stalled.write_deadline):
+                stalled = conn
+        if oldest is not None:
+            self.metrics.increment("connections_evicted_total")
+            oldest.close()
+        elif stalled is not None:
+            self.metrics.increment("slow_readers_cut_total")
+            stalled.close()
+        return oldest is not None or stalled is not None
 
     def queue(self, size: int) -> None:
         """Bytes queued in an outbox (or, negative, written or dropped)."""
@@ -7469,7 +7478,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--max-connections", type=positive_int, default=1600,
                          help="open connections; at the cap a new one takes the slot of the connection idle "
                               "longest (an unfinished handshake or request head, a keep-alive between "
-                              "requests), and is closed at once only when every slot has work in progress. "
+                              "requests), else of the one whose client has left its answers unread longest; it "
+                              "is closed at once only when every other connection is being answered and read. "
                               "The default holds 1,000 idle keep-alives beside 500 watches and fits the memory "
                               "budget of k8s/ (~16 KB a connection measured; see the README)")
     serving.add_argument("--max-watches", type=positive_int, default=500,

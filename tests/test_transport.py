@@ -1137,6 +1137,27 @@ def test_when_every_slot_has_work_in_progress_a_new_connection_is_closed_at_once
             conn.close()
 
 
+def test_at_the_cap_the_client_that_left_its_answers_unread_longest_gives_up_its_slot(start_server):
+    """Eight clients fill the eight slots, pipeline 25 requests each and never read the answers:
+    a new client (the kubelet's probe) takes the slot of the one stalled longest.  (Such slots
+    counted as work in progress: every new connection was closed at once until --write-timeout.)"""
+    server = start_server("--max-connections", "8", "--write-timeout", "60s")
+    log = LogWatch(server)
+    stalled = [Raw(server, timeout=10, receive_buffer=1024) for _ in range(8)]
+    try:
+        for conn in stalled:
+            conn.send(b"GET /openapi/v2 HTTP/1.1\r\nHost: a\r\n\r\n" * 25)    # ~200 KB of answers each
+        # Every request answered: the answers wait in the server, past what the sockets hold.
+        assert wait_until(lambda: server.log().count("GET /openapi/v2 200") >= 200, timeout=10)
+        assert server.try_get("/livez") == 200
+        assert metric(server, "slow_readers_cut_total") >= 1
+        assert metric(server, "connections_rejected_total") == 0
+    finally:
+        for conn in stalled:
+            conn.close()
+    log.assert_clean()
+
+
 def test_watches_over_their_cap_are_answered_429_with_retry_after(start_server, rules_file):
     server = start_server("--rules", str(rules_file), "--max-watches", "3")
     log = LogWatch(server)
