@@ -2622,7 +2622,8 @@ def parse_head(head: bytes) -> Request:
         if name in headers:
             if name in ("content-length", "host", "transfer-encoding"):
                 raise BadRequest(400, "BadRequest", f"duplicate {name} header")
-            headers[name] += ", " + value
+            if name != "audit-id":          # the request's Audit-Id is its first, as kube-apiserver reads it
+                headers[name] += ", " + value
         else:
             headers[name] = value
     if not target.startswith("/") or not target.isascii():
@@ -2644,7 +2645,7 @@ def parse_head(head: bytes) -> Request:
                              "names are DNS-1123 (lower-case ASCII)") from None
     query = urllib.parse.parse_qs(query_text, keep_blank_values=True) if query_text else {}
     return Request(method, path, segments, query, headers, items, version,
-                   audit_id=headers.get("audit-id", "")[:64],
+                   audit_id=headers.get("audit-id", ""),         # whole, as kube-apiserver keeps it
                    keep_alive=_keep_alive(headers.get("connection", ""), version),
                    has_body=_content_length(headers.get("content-length")) > 0 or "transfer-encoding" in headers,
                    watch=query_flag(query.get("watch")) or segments[3:4] == ["watch"],

@@ -336,6 +336,12 @@ def test_the_answer_memo_keys_a_head_without_its_plain_audit_id(head, expected):
     assert reqapi.head_without_audit_id(head) == (expected or (head, None))
 
 
+def test_the_audit_id_is_the_first_one_and_whole_as_kube_apiserver_keeps_it():
+    long = "a" * 200
+    assert reqapi.parse_head(b"GET /apis HTTP/1.1\r\nAudit-Id: " + long.encode()).audit_id == long
+    assert reqapi.parse_head(b"GET /apis HTTP/1.1\r\nAudit-Id: one\r\nAudit-Id: two").audit_id == "one"
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(head=request_heads(), audit_id=st.text("0123456789abcdefABCDEF-", min_size=1, max_size=64))
 def test_two_heads_that_differ_only_in_a_plain_audit_id_share_a_key_and_parse_alike(head, audit_id):
