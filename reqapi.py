@@ -3196,6 +3196,41 @@ def object_options(request: Request) -> Union[ObjectOptions, ListOptions]:
     return ObjectOptions(namespace, name, negotiate_object(request))
 
 
+def list_option_problems(request: Request) -> list[tuple[str, str, str]]:
+    """What kube-apiserver's ValidateListOptions refuses in a list's options (not a watch's):
+    (field, cause reason, the error's text after its field), in its order."""
+    problems = []
+    match, version = request.arg("resourceVersionMatch"), request.arg("resourceVersion")
+    if match:
+        forbidden = "FieldValueForbidden"
+        if not version:
+            problems.append(("resourceVersionMatch", forbidden,
+                             "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"))
+        if request.arg("continue"):
+            problems.append(("resourceVersionMatch", forbidden,
+                             "Forbidden: resourceVersionMatch is forbidden when continue is provided"))
+        if match not in ("Exact", "NotOlderThan"):
+            problems.append(("resourceVersionMatch", "FieldValueNotSupported",
+                             f'Unsupported value: {json.dumps(match, ensure_ascii=False)}: supported values: '
+                             f'"Exact", "NotOlderThan", ""'))
+        if match == "Exact" and version == "0":
+            problems.append(("resourceVersionMatch", forbidden,
+                             'Forbidden: resourceVersionMatch "exact" is forbidden for resourceVersion "0"'))
+    if "sendInitialEvents" in request.query:
+        problems.append(("sendInitialEvents", "FieldValueForbidden", "Forbidden: sendInitialEvents is forbidden for list"))
+    return problems
+
+
+def invalid_list_options(problems: list[tuple[str, str, str]]) -> HTTPError:
+    """422 Invalid, worded and detailed as kube-apiserver's errors.NewInvalid for ListOptions."""
+    texts = [f"{field}: {text}" for field, _, text in problems]
+    listed = texts[0] if len(texts) == 1 else f"[{', '.join(texts)}]"
+    return HTTPError(422, "Invalid", f'ListOptions.meta.k8s.io "" is invalid: {listed}',
+                     {"group": "meta.k8s.io", "kind": "ListOptions",
+                      "causes": [{"reason": reason, "message": text, "field": field}
+                                 for field, reason, text in problems]})
+
+
 def list_options(request: Request) -> ListOptions:
     """A GET of the collection, in a namespace or in all: its selectors, then list or watch options."""
     namespace = checked_namespace(request.params["namespace"]) if "namespace" in request.params else None
@@ -3206,6 +3241,9 @@ def list_options(request: Request) -> ListOptions:
         raise HTTPError.bad_request(str(error)) from None
     if request.watch:
         return _watch_options(request, namespace, fields, labels)
+    problems = list_option_problems(request)
+    if problems:
+        raise invalid_list_options(problems)
     output = negotiate_object(request, "PartialObjectMetadataList")
     continue_version, after = "", None
     exact_version = ""

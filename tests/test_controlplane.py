@@ -269,6 +269,19 @@ def test_a_watch_spelled_as_go_parses_booleans_is_a_watch_behind_kube_apiserver(
     assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "checkout"
 
 
+@pytest.mark.parametrize("query", [
+    "resourceVersionMatch=Bogus&resourceVersion=1", "resourceVersionMatch=Exact", "resourceVersionMatch=Bogus",
+    "resourceVersionMatch=Exact&resourceVersion=0", "resourceVersionMatch=NotOlderThan&resourceVersion=1&continue=x",
+    "sendInitialEvents=true", "sendInitialEvents=false"])
+def test_list_options_are_refused_as_kube_apiserver_refuses_them_for_its_own_lists(installed, query):
+    # kube-apiserver passes an aggregated list's options through unchecked: reqapi checks them, and
+    # its 422 must be the one kube-apiserver gives for a list of its own (here, ConfigMaps).
+    own = installed.plane.get(f"/api/v1/namespaces/default/configmaps?{query}")
+    ours = installed.plane.get(f"{GROUP_VERSION}/namespaces/shop/requests?{query}")
+    assert own.status == 422, own.body
+    assert (ours.status, ours.json()) == (own.status, own.json())
+
+
 def test_client_gos_metadata_client_through_kube_apiserver(installed):
     """Metadata informers (and inventory or backup tools built on them) ask any resource for
     PartialObjectMetadata; client-go's metadata client could not decode reqapi's watch events."""

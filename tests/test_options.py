@@ -82,3 +82,23 @@ def test_object_negotiation(accept, expected):
 ])
 def test_discovery_negotiation(accept, expected):
     assert reqapi.negotiate_discovery(request_for("/apis", accept)) == expected
+
+
+def list_request(query: str) -> reqapi.Request:
+    return reqapi.parse_head(f"GET /apis/{reqapi.GROUP}/{reqapi.VERSION}/requests?{query} HTTP/1.1\r\nHost: a".encode())
+
+
+@pytest.mark.parametrize("query", ["", "resourceVersion=0", "resourceVersionMatch=NotOlderThan&resourceVersion=0",
+                                   "resourceVersionMatch=Exact&resourceVersion=12", "limit=5&continue=x"])
+def test_list_options_kube_apiserver_accepts_are_not_refused(query):
+    assert reqapi.list_option_problems(list_request(query)) == []
+
+
+def test_several_refused_list_options_are_listed_as_kube_apiserver_lists_them():
+    error = reqapi.invalid_list_options(reqapi.list_option_problems(list_request("resourceVersionMatch=Bogus")))
+    assert (error.code, error.reason) == (422, "Invalid")
+    assert error.message == ('ListOptions.meta.k8s.io "" is invalid: [resourceVersionMatch: Forbidden: '
+                             'resourceVersionMatch is forbidden unless resourceVersion is provided, '
+                             'resourceVersionMatch: Unsupported value: "Bogus": supported values: "Exact", '
+                             '"NotOlderThan", ""]')
+    assert [cause["reason"] for cause in error.details["causes"]] == ["FieldValueForbidden", "FieldValueNotSupported"]
