@@ -5954,7 +5954,7 @@ class Connection:
     def expire(self, now: float) -> None:
         """Called by the sweep: enforce the phase's deadline and the write deadline."""
         if self.write_deadline <= now:
-            self.close()                        # a client that stopped reading its answer
+            self.cut_off(f"its client read nothing for {self.server.settings.write_timeout:g}s (--write-timeout)")
         elif self.deadline <= now and not self.outbox:
             if self.phase == HEAD and self.tls is not None:
                 self.refuse(BadRequest(408, "Timeout", f"the request head did not arrive within "
@@ -6440,6 +6440,12 @@ class Connection:
             self.lingered += len(data)
         self.close()
 
+    def cut_off(self, why: str) -> None:
+        """Close a connection whose client stopped reading, saying so: what it was sent was cut short."""
+        self.server.log.log("info", "connection closed with answers unsent", remote=self.remote,
+                            unsent_bytes=self.outbox_bytes, reason=why)
+        self.close()
+
     def close(self) -> None:
         if not self.open:
             return
@@ -6736,7 +6742,8 @@ class ReqapiServer(socketserver.TCPServer):
             oldest.close()
         elif stalled is not None:
             self.metrics.increment("slow_readers_cut_total")
-            stalled.close()
+            stalled.cut_off("a new connection needed its slot at --max-connections, and its client had stopped "
+                            "reading longest")
         return oldest is not None or stalled is not None
 
     def queue(self, size: int) -> None:
@@ -6752,7 +6759,8 @@ class ReqapiServer(socketserver.TCPServer):
             if self.queued < QUEUED_LIMIT:
                 break
             self.metrics.increment("slow_readers_cut_total")
-            conn.close()
+            conn.cut_off("the answers left unread by all clients reached the transport's queue limit, and "
+                         "its client had stopped reading longest")
 
     def wait_for_room(self, conn: Connection) -> None:
         """`conn` has a request to answer, but the queues are full: answered when they have room."""

@@ -1151,6 +1151,7 @@ def test_at_the_cap_the_client_that_left_its_answers_unread_longest_gives_up_its
         assert wait_until(lambda: server.log().count("GET /openapi/v2 200") >= 200, timeout=10)
         assert server.try_get("/livez") == 200
         assert metric(server, "slow_readers_cut_total") >= 1
+        server.wait_for_log(r"connection closed with answers unsent .*unsent_bytes=[1-9].*--max-connections")
         assert metric(server, "connections_rejected_total") == 0
     finally:
         for conn in stalled:
@@ -1328,8 +1329,9 @@ def test_watches_whose_clients_stop_reading_hold_little_memory_and_stall_nobody(
         grown = rss_bytes(pid) - before
         print(f"RSS grew {grown / 2**20:.1f} MiB with 20 stalled watches of ~4 MB each")
         assert grown < 30 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB: the stalled watches' events were queued whole"
-        # The stalled clients are cut off at the write timeout.
+        # The stalled clients are cut off at the write timeout, and the log says so.
         assert wait_until(lambda: metric(server, "watches_open") == 0, timeout=15)
+        server.wait_for_log(r"connection closed with answers unsent .*--write-timeout")
     finally:
         for tls in stalled:
             tls.close()
@@ -1365,6 +1367,7 @@ def test_a_burst_of_big_answers_nobody_reads_stays_within_the_queue_limit(start_
         grown = peak_rss_bytes(pid) - before
         print(f"peak RSS grew {grown / 2**20:.1f} MiB for 60 unread answers of ~1 MB")
         assert grown < 30 * 2**20, f"peak RSS grew {grown / 2**20:.1f} MiB: the answers were queued beyond the limit"
+        server.wait_for_log(r"connection closed with answers unsent .*queue limit")
     finally:
         for client in clients:
             client.close()
