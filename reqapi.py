@@ -2735,6 +2735,14 @@ def websocket_upgrade(request: Request) -> WebSocketUpgrade:
     return WebSocketUpgrade(accept, offered[0] if offered else "")
 
 
+def websocket_unmask(payload: bytes, mask: bytes) -> bytes:
+    """The payload XOR the 4-byte mask repeated (RFC 6455 section 5.3), as one big-integer XOR:
+    a loop over the bytes took ~5 ms of the loop's time for a 60 KB frame."""
+    size = len(payload)
+    key = (mask * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
+
+
 def websocket_client_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     """The complete frames at the front of what a WebSocket client sent, [(opcode, unmasked
     payload)], and the bytes left over (a frame not complete yet)."""
@@ -2757,7 +2765,7 @@ def websocket_client_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], byt
             break
         payload = buffer[offset:offset + size]
         if mask:
-            payload = bytes(byte ^ mask[index & 3] for index, byte in enumerate(payload))
+            payload = websocket_unmask(payload, mask)
         frames.append((first & 0x0F, payload))
         position = offset + size
     return frames, buffer[position:]

@@ -443,6 +443,11 @@ def test_websocket_frames_round_trip_at_every_length_encoding(size):
     assert frames == [(reqapi.WS_TEXT, payload)] and rest == masked[:3]
 
 
+@given(payload=st.binary(max_size=300), mask=st.binary(min_size=4, max_size=4))
+def test_websocket_unmasking_is_rfc_6455s_xor(payload, mask):
+    assert reqapi.websocket_unmask(payload, mask) == bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
 def test_partial_websocket_frames_wait_for_their_end():
     close = bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + (1000).to_bytes(2, "big")
     for cut in range(len(close)):
