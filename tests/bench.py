@@ -1524,22 +1524,18 @@ def versus_startups(v: Versus) -> list:
     print(f"\n[1/3] start-up: {args.starts} starts each, exec → first 200 on /livez, then VmRSS once settled")
     startups = []
     for interpreter in v.pythons:
-        for no_site in (False, True):
-            name = f"{interpreter.label}{' -S' if no_site else ''}"
-            entry = measure_startups(
-                name, lambda port, p=interpreter.path, s=no_site: image_command(p, v.cert, v.key, port, s),
-                v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
+        python, label = interpreter.path, interpreter.label
+        directory = compile_copy(python, v.workdir / f"precompiled-{interpreter.version}")
+        # (The commands are made and started within this iteration: the lambdas' late binding is safe.)
+        for name, make in ((label, lambda port: image_command(python, v.cert, v.key, port)),
+                           (f"{label} -S", lambda port: image_command(python, v.cert, v.key, port, no_site=True)),
+                           (f"{label} -S -m, .pyc",
+                            lambda port: precompiled_command(python, v.cert, v.key, port, directory))):
+            entry = measure_startups(name, make, v.srv_cpu, v.context, args.starts, v.workdir, args.max_others,
+                                     args.retries)
             startups.append(entry)
             print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
                   f"({entry['command']})")
-        directory = compile_copy(interpreter.path, v.workdir / f"precompiled-{interpreter.version}")
-        name = f"{interpreter.label} -S -m, .pyc"
-        entry = measure_startups(
-            name, lambda port, p=interpreter.path, d=directory: precompiled_command(p, v.cert, v.key, port, d),
-            v.srv_cpu, v.context, args.starts, v.workdir, args.max_others, args.retries)
-        startups.append(entry)
-        print(f"  {name}: {entry['startup_ms_median']:.0f} ms, {entry['rss_mb_median']:.1f} MB   "
-              f"({entry['command']})")
     # gin's body file is a placeholder here: /livez is what is asked.
     v.body_file.write_bytes(b"{}")
     gin_env = {**os.environ, "GOMAXPROCS": "1"}
