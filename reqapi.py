@@ -7583,9 +7583,10 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.add_argument("--read-header-timeout", type=duration, default="30s",
                            help="time a request head has to arrive once its first byte has")
     lifecycle.add_argument("--idle-timeout", type=duration, default="90s",
-                           help="keep-alive connections idle this long are closed")
+                           help="keep-alive connections idle this long after their last answer left are closed")
     lifecycle.add_argument("--write-timeout", type=duration, default="30s",
-                           help="time a client has to take each write of a response")
+                           help="time a client has to take each write of a response; the only limit on an answer "
+                                "or a watch being written")
     lifecycle.add_argument("--watch-timeout", type=duration, default="30m",
                            help="a watch without ?timeoutSeconds= ends after this long times 1 to 2 at random, "
                                 "as kube-apiserver's; a longer timeoutSeconds is cut to twice this")
