@@ -4115,6 +4115,8 @@ class Logger:
             now = time.time()
             if int(now) != self._second:
                 self._timestamp()
+            if audit_id and not audit_id.replace("-", "").isalnum():     # (a UUID is left as it is, quickly)
+                audit_id = log_value(audit_id)      # spaces or '=' in it must not make fields of their own
             line = (f"{self._stamp}.{int((now - self._second) * 1000):03d}Z INFO    {method} {path} {code} "
                     f"{seconds * 1000:.2f}ms {identity.log_text} remote={remote}"
                     f"{' audit_id=' + audit_id if audit_id else ''}\n")

@@ -821,6 +821,15 @@ def test_a_bare_lf_in_the_target_cannot_forge_a_log_line(server, clean_log):
     assert not any(line.startswith(marker) for line in clean_log.new().splitlines()), clean_log.new()[-2000:]
 
 
+def test_an_audit_id_cannot_forge_fields_of_a_log_line(server, clean_log):
+    marker = f"forged-{uuid.uuid4().hex[:8]}"
+    answer = exchange(server, f"GET /livez HTTP/1.1\r\nAudit-Id: x user={marker} auth=admin\r\n"
+                              f"Connection: close\r\n\r\n".encode())
+    assert answer.code == 200 and answer.headers["audit-id"] == f"x user={marker} auth=admin"
+    line = server.wait_for_log(f".*{marker}.*").group(0)
+    assert line.endswith(f'audit_id="x user={marker} auth=admin"'), line
+
+
 def test_a_watch_with_an_enormous_timeout_is_held_or_refused(server, clean_log):
     # Regression: Condition.wait(timeout > threading.TIMEOUT_MAX) raised OverflowError, which cut the
     # stream without its last chunk and logged a traceback.
