@@ -3939,18 +3939,20 @@ class Access:
         """No configuration could be loaded: requests get 503 until one is (unless one is already set)."""
         self.problem = problem
 
-    def admit(self, request: Request, peer: Optional[PeerCertificate], route_kind: Optional[str]) -> Identity:
-        """Who is calling, and may they: authenticate unless the route is public (or, when no route
-        matched, always: a stranger learns nothing, not even which paths exist), then authorize.
-        Raises HTTPError 401, 403 or 503."""
+    def caller(self, request: Request, peer: Optional[PeerCertificate], route_kind: Optional[str]) -> Identity:
+        """Who is calling: authenticated unless the route is public (or, when no route matched,
+        always: a stranger learns nothing, not even which paths exist).  Raises HTTPError 401 or 503."""
         if route_kind == "public":
             return self.identify_if_possible(peer, request)
-        identity = self.identify(request, peer)
-        # Authorized even when the request is refused next (404, 405, 400): as in kube-apiserver,
-        # whose authorization filter runs before routing, a caller without rights gets 403 and
-        # learns nothing about which paths and methods exist.  (AlwaysAllow asks nobody.)
-        self.authorize(identity, request, route_kind == "resource")
-        return identity
+        return self.identify(request, peer)
+
+    def admit(self, identity: Identity, request: Request, route_kind: Optional[str]) -> None:
+        """May the caller: authorized unless the route is public.  Raises HTTPError 403 or 500."""
+        if route_kind != "public":
+            # Authorized even when the request is refused next (404, 405, 400): as in kube-apiserver,
+            # whose authorization filter runs before routing, a caller without rights gets 403 and
+            # learns nothing about which paths and methods exist.  (AlwaysAllow asks nobody.)
+            self.authorize(identity, request, route_kind == "resource")
 
     def identify_if_possible(self, peer: Optional[PeerCertificate], request: Request) -> Identity:
         """Who calls a public path (health, version), if they say so; ANONYMOUS otherwise, never a
@@ -5472,7 +5474,9 @@ class Api:
                 # authorization names the namespace and name, metrics the resource.
                 request.params, kind = found[1], found[0].kind
             refusal = refusal_of(request, found)
-            identity = self.access.admit(request, peer, None if found is None else found[0].kind)
+            route_kind = None if found is None else found[0].kind
+            identity = self.access.caller(request, peer, route_kind)
+            self.access.admit(identity, request, route_kind)     # (a refusal is logged with who asked)
             request.trusted = identity is not ANONYMOUS or not self.access.enabled
             if refusal is not None:
                 raise refusal
@@ -6211,7 +6215,13 @@ class Connection:
             close = True            # opened before client certificates were asked for: reconnect
         self.become_busy()
         if server.delegated and server.api.may_block(request):
-            server.answer_in_worker(self, request, close, started)
+            if server.busy < server.max_busy:
+                server.answer_in_worker(self, request, close, started)
+                return
+            refusal = HTTPError.too_many_requests(
+                f"{server.busy} requests are waiting for kube-apiserver to authorize them (SubjectAccessReviews), "
+                f"the most reqapi lets wait; try again later", 1)
+            self.deliver(request, Outcome(refusal.response(), ANONYMOUS, request.method, ""), close, started)
             return
         self.deliver(request, server.api.handle(request, self.peer), close, started, memo_key, state)
 
@@ -6524,7 +6534,11 @@ class ReqapiServer(socketserver.TCPServer):
     Threads other than the loop's: none for TLS handshakes (they run in the loop, a step per
     readable socket: cheaper than a hand-off to a thread and back); a request that may wait on
     the network — authorization by SubjectAccessReview when --authorization-mode=Delegated — is
-    answered by a worker (WORKERS of them), and the answer handed back to the loop."""
+    answered by a worker (WORKERS of them), and the answer handed back to the loop.  At most
+    max_busy such requests wait at once (WORKERS answering, 64 more queued, and never more than a
+    quarter of --max-connections): more are answered 429 at once.  Without that bound, a
+    kube-apiserver that stopped answering held every slot in a queue 10 s a review deep, and the
+    kubelet's probes found none."""
 
     allow_reuse_address = True
     WORKERS = 8
@@ -6549,6 +6563,7 @@ class ReqapiServer(socketserver.TCPServer):
         self.connections: dict[int, Connection] = {}
         self.watches: set[Connection] = set()
         self.busy = 0                      # requests handed to a worker and not yet answered
+        self.max_busy = self.WORKERS + min(64, settings.max_connections // 4)
         self.queued = 0                    # bytes waiting in every connection's outbox
         self.accepted = 0                  # len(connections), for other threads to read
         self.accepting = True

@@ -413,6 +413,8 @@ def test_delegated_authorization_with_subject_access_reviews(start_server, clust
     assert body["message"] == ('requests.k8s.wujiuye.com "web" is forbidden: User "mallory" cannot get resource '
                                '"requests" in API group "k8s.wujiuye.com" in the namespace "default": '
                                'no role for mallory')
+    server.wait_for_log(r"GET /apis/k8s\.wujiuye\.com/v1beta1/namespaces/default/requests/web 403 \S+ "
+                        r"user=mallory auth=front-proxy")       # the refusal is logged with who asked
     # system:masters (kube-aggregator's probe) is allowed without a review; health paths need none.
     fake.clear_requests()
     assert server.get(GV, {"X-Remote-User": "system:kube-aggregator", "X-Remote-Group": "system:masters"},
@@ -421,6 +423,42 @@ def test_delegated_authorization_with_subject_access_reviews(start_server, clust
     assert not [r for r in fake.requests if r["path"].endswith("/subjectaccessreviews")]
     listing = server.get(f"{GV}/namespaces/shop/requests", {"X-Remote-User": "mallory"}, client_cert=pki.proxy)
     assert listing.status == 403 and "cannot list resource" in listing.json()["message"]
+
+
+def test_when_kube_apiserver_stops_answering_reviews_the_probes_still_find_a_slot(start_server, cluster, pki):
+    """Every slot holds a request waiting for a SubjectAccessReview that kube-apiserver does not
+    answer.  At most max_busy wait (8 in reviews, the rest queued); the others are answered 429
+    with Retry-After at once, and /livez is answered.  (All waited, queued 10 s a review deep,
+    and every new connection, the kubelet's probes too, was closed at once.)  The double stands
+    for a kube-apiserver that hangs, which the real one cannot be made to do."""
+    fake, args, env = cluster
+    release = threading.Event()
+    fake.sar_decider = lambda spec: (release.wait(30), {"allowed": True})[1]
+    server = start_server(*args, "--authorization-mode", "Delegated", "--max-connections", "24", env=env)
+    assert wait_until(lambda: server.get("/readyz").status == 200)
+    connections = [server.connection(pki.proxy) for _ in range(24)]
+    try:
+        for index, connection in enumerate(connections):
+            connection.request("GET", OBJECT, headers={"X-Remote-User": f"user-{index}"})
+        # The refused ones are answered at once; the waiting ones cannot be until `release`.
+        assert wait_until(lambda: server.log().count(" 429 ") >= 10, timeout=10)
+        answered = []
+        for connection in connections:
+            connection.sock.settimeout(0.5)
+            try:
+                answered.append(connection.getresponse())
+            except TimeoutError:
+                pass
+        # 8 + min(64, 24 // 4) wait; the other 10 were refused at once.
+        assert [response.status for response in answered] == [429] * 10
+        assert all(response.getheader("Retry-After") == "1" for response in answered)
+        assert json.loads(answered[0].read())["reason"] == "TooManyRequests"
+        assert server.try_get("/livez") == 200
+    finally:
+        release.set()
+        for connection in connections:
+            connection.close()
+    server.wait_for_log(r"requests/web 200 .* user=user-")
 
 
 def test_with_delegated_authorization_403_comes_before_404_and_405(start_server, cluster, pki):
