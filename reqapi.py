@@ -5787,18 +5787,28 @@ class TransportSettings:
 
 # Flow control.  A connection's output queue may grow to HIGH_WATER bytes before the loop stops
 # taking its next pipelined request; a watch's to WATCH_HIGH_WATER before it stops taking events
-# from its stream (the events wait, unencoded, in the stream).  All the queues together hold at
-# most QUEUED_LIMIT, plus the one answer or event being queued when it was reached: beyond it no
-# connection takes a request or an event until they hold less (the connections that waited for
-# room are answered first), and the connections whose clients stopped reading longest are closed
-# until they do.  So a hostile client can pipeline big lists and never read them, or a thousand
-# clients can each ask for one at once, and memory stays bounded (without the global check, a
-# burst of 300 such requests queued 300 MB within one turn of the loop).  A client that stops
-# reading is cut off at --write-timeout in any case.
+# from its stream (the events wait, unencoded, in the stream).  All the queues together stay under
+# QUEUED_LIMIT, give or take a small answer per connection: an answer over SMALL_ANSWER that would
+# pass it is refused with 429 and Retry-After (client-go retries it), and while the queues are over
+# it a connection with answers still queued takes no request and a watch no event.  Health checks,
+# objects and discovery are small: they are answered whatever the queues hold.  (Without the global
+# check a burst of 300 clients asking for a 1.3 MB list queued 400 MB within one turn of the loop.)
+# A client that has read nothing for STALL_GRACE, while the queues hold more than half the limit,
+# is cut off, the one stalled longest first, until they hold less; and one that reads nothing for
+# --write-timeout is cut off in any case.  A client that keeps reading, however slowly, is never
+# cut for others: the grace is what tells the two apart (the moment a burst arrives, a steady
+# reader between two writes looks no different from a client that will never read).
 HIGH_WATER = 256 * 1024
 WATCH_HIGH_WATER = 32 * 1024
 QUEUED_LIMIT = 8 * 1024 * 1024
+SMALL_ANSWER = 4 * 1024          # health, objects, Status errors, discovery: 1,600 of them are 6.25 MiB
+STALL_GRACE = 2.0                 # seconds without taking a WRITE_SLICE: a reader slower than 8 KB/s
 SEND_BUFFER = 64 * 1024           # SO_SNDBUF (Linux doubles it: 128 KiB of kernel memory at most)
+# The most one TLS write takes.  OpenSSL takes a write whole or not at all (after WANT_WRITE the same
+# bytes are retried), so progress, which ends a stall (see STALL_GRACE and --write-timeout), is seen
+# once a write completes: a 1.3 MB list written at once looked stalled from the first full socket
+# buffer to its last byte, and a client reading it steadily was cut off as if it had stopped.
+WRITE_SLICE = 16 * 1024          # one TLS record
 READ_SIZE = 65536                 # one recv(): four TLS records at most
 MAX_INBOX = 4 * MAX_HEAD_BYTES    # unparsed bytes read ahead of the request being answered
 LINGER_SECONDS = 1.0
@@ -5905,7 +5915,7 @@ class Connection:
     what the client still sends, so that its TCP stack does not reset the answer away)."""
 
     __slots__ = ("server", "sock", "fd", "tls", "remote", "peer", "verifies", "phase", "inbox", "scanned",
-                 "outbox", "outbox_bytes", "frozen", "deadline", "write_deadline", "idle_since", "linger_after",
+                 "outbox", "outbox_bytes", "frozen", "deadline", "stalled_since", "idle_since", "linger_after",
                  "read_closed", "interest", "watch", "lingered", "open")
 
     def __init__(self, server: "ReqapiServer", sock: socket.socket, remote: str, now: float) -> None:
@@ -5927,7 +5937,7 @@ class Connection:
         # (busy, watch) or while answers wait to leave: then only --write-timeout applies, to a
         # client that stops reading, and the phase's clock starts again once the client has them all.
         self.deadline = now + server.settings.tls_handshake_timeout
-        self.write_deadline = math.inf    # while an answer waits for the client to read it
+        self.stalled_since = math.inf     # when the client last stopped taking what is written to it
         self.idle_since = now
         self.linger_after = False         # after the last byte: read and drop what the client still sends
         self.read_closed = False          # the client closed its side (its last request is still answered)
@@ -5967,7 +5977,7 @@ class Connection:
 
     def expire(self, now: float) -> None:
         """Called by the sweep: enforce the phase's deadline and the write deadline."""
-        if self.write_deadline <= now:
+        if self.stalled_since + self.server.settings.write_timeout <= now:
             self.cut_off(f"its client read nothing for {self.server.settings.write_timeout:g}s (--write-timeout)")
         elif self.deadline <= now and not self.outbox:
             if self.phase == HEAD and self.tls is not None:
@@ -6066,11 +6076,9 @@ class Connection:
             if self.phase == LINGER:
                 self.drop_input()
                 return
-            if self.phase in (IDLE, HEAD) and self.scanned < len(self.inbox) and self.outbox_bytes < HIGH_WATER:
-                if self.server.queued < QUEUED_LIMIT:
-                    self.take_requests()
-                    continue
-                self.wait_for_room()
+            if self.phase in (IDLE, HEAD) and self.scanned < len(self.inbox) and self.may_take_request():
+                self.take_requests()
+                continue
             if self.phase == WATCH and self.inbox:
                 self.watch_input()
                 if not self.open or self.phase != WATCH:
@@ -6084,17 +6092,14 @@ class Connection:
         if self.open:
             self.server.flush_later(self)
 
-    def wait_for_room(self) -> None:
-        """The queues are full (see QUEUED_LIMIT): the server, not the client, holds this request
-        up, so no head deadline runs until the server lets it in (room_again)."""
-        self.deadline = math.inf
-        self.server.wait_for_room(self)
+    def too_big_for_the_queues(self, size: int) -> bool:
+        """An answer that must be refused now (see SMALL_ANSWER)."""
+        return size > SMALL_ANSWER and self.server.queued + size > QUEUED_LIMIT
 
-    def room_again(self) -> None:
-        if self.open:
-            if self.phase == HEAD:
-                self.start_head()
-            self.pump()
+    def may_take_request(self) -> bool:
+        """Room for another answer: under HIGH_WATER, and while the queues are over QUEUED_LIMIT,
+        only with nothing queued (its own answers leave first; its flush takes the next request)."""
+        return self.outbox_bytes < HIGH_WATER and (self.server.queued < QUEUED_LIMIT or not self.outbox)
 
     def read(self) -> bool:
         """One recv() (a TLS record: OpenSSL reads its header and its body from the socket), and
@@ -6130,9 +6135,8 @@ class Connection:
     def take_requests(self) -> None:
         """Answer the complete heads in the inbox, in order, while the answers fit under the high
         water; the start of an unfinished one waits for more bytes within --read-header-timeout."""
-        inbox, server = self.inbox, self.server
-        while self.open and self.phase in (IDLE, HEAD) and self.outbox_bytes < HIGH_WATER \
-                and server.queued < QUEUED_LIMIT:
+        inbox = self.inbox
+        while self.open and self.phase in (IDLE, HEAD) and self.may_take_request():
             start = 0
             while inbox.startswith(b"\r\n", start):    # tolerated between pipelined requests (RFC 9112 §2.2)
                 start += 2
@@ -6197,7 +6201,7 @@ class Connection:
             memo_key = (self.peer, key_head, audit_id is not None)
             state = server.memo_state()
             entry = server.memo.get(state, memo_key)
-            if entry is not None:
+            if entry is not None and not self.too_big_for_the_queues(len(entry.body)):
                 self.become_busy()
                 audit_id = entry.audit_id if audit_id is None else audit_id
                 self.send(ResponseEncoder.reuse(entry.head, entry.body, audit_id))
@@ -6244,6 +6248,10 @@ class Connection:
         if isinstance(result, WatchStream):
             self.start_watch(request, outcome, result, close, started)
             return
+        if self.too_big_for_the_queues(len(result.body)):
+            result = HTTPError.too_many_requests(
+                f"reqapi's send queues are full ({QUEUED_LIMIT // 2**20} MiB of answers wait for clients that read "
+                f"slowly or not at all): a {len(result.body)}-byte answer must wait; try again later", 1).response()
         if memo_key is not None and outcome.reusable and not close and result.code == 200:
             head, body = server.encoder.reusable(result, request.method)
             server.memo.put(state, memo_key, MemoEntry(head, body, request.method, request.path, request.audit_id,
@@ -6349,9 +6357,13 @@ class Connection:
     # -- writing and closing ---------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Queue bytes; flush() writes them."""
+        """Queue bytes (a big answer in WRITE_SLICE pieces, views of it); flush() writes them."""
         if data:
-            self.outbox.append(data)
+            if len(data) > WRITE_SLICE:
+                view = memoryview(data)
+                self.outbox.extend(view[start:start + WRITE_SLICE] for start in range(0, len(data), WRITE_SLICE))
+            else:
+                self.outbox.append(data)
             self.outbox_bytes += len(data)
             self.server.queue(len(data))
 
@@ -6398,14 +6410,14 @@ class Connection:
 
     def write(self) -> bool:
         """Send the queued bytes until the socket takes no more.  Small answers queued together
-        (pipelined requests, watch events) leave in one write; a TLS write cut short is retried with
-        the same bytes.  False if the connection broke (it is closed)."""
+        (pipelined requests, watch events) leave in one write of up to ~WRITE_SLICE; a TLS write
+        cut short is retried with the same bytes.  False if the connection broke (it is closed)."""
         outbox = self.outbox
-        stalled = self.write_deadline < math.inf
+        stalled = self.stalled_since < math.inf
         while outbox:
-            if not self.frozen and len(outbox) > 1 and len(outbox[0]) < HIGH_WATER:
+            if not self.frozen and len(outbox) > 1 and len(outbox[0]) < WRITE_SLICE:
                 joined, size = [], 0
-                while outbox and size < HIGH_WATER:
+                while outbox and size < WRITE_SLICE:
                     piece = outbox.popleft()
                     joined.append(piece)
                     size += len(piece)
@@ -6415,8 +6427,8 @@ class Connection:
                 self.tls.send(data)        # without SSL_MODE_ENABLE_PARTIAL_WRITE: all of it, or WANT_WRITE
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
                 self.frozen = True
-                if self.write_deadline == math.inf:
-                    self.write_deadline = time.monotonic() + self.server.settings.write_timeout
+                if self.stalled_since == math.inf:
+                    self.stalled_since = time.monotonic()
                 return True
             except (OSError, ssl.SSLError):
                 self.close()
@@ -6425,7 +6437,7 @@ class Connection:
             outbox.popleft()
             self.outbox_bytes -= len(data)
             self.server.queue(-len(data))
-            self.write_deadline = math.inf   # progress: --write-timeout counts from the next stall
+            self.stalled_since = math.inf    # progress: a stall counts from the next one
         if stalled:
             # The client has every answer only now: the wait for its next request starts now.
             if self.phase == IDLE:
@@ -6556,7 +6568,6 @@ class ReqapiServer(socketserver.TCPServer):
         # client then wakes once for several answers, not once per answer (measured on one core
         # with wrk at 16 connections: ~80 instead of ~97 µs a request, and a lower p99).
         self._unflushed: list[Connection] = []
-        self._waiting_for_room: dict[Connection, None] = {}    # (an ordered set) see QUEUED_LIMIT
         self.request_queue_size = min(4096, max(128, settings.max_connections))
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # The registry, changed by the loop thread only (through accept, evict and forget).
@@ -6669,12 +6680,6 @@ class ReqapiServer(socketserver.TCPServer):
                     except Exception:           # a bug: logged; the loop goes on serving
                         self.log.log("error", "transport work failed", traceback=traceback_text())
                 self._flush_unflushed()
-                if self.queued >= QUEUED_LIMIT:
-                    self._cut_slow_readers()
-                if self._waiting_for_room and self.queued < QUEUED_LIMIT:
-                    waiting, self._waiting_for_room = self._waiting_for_room, {}
-                    for conn in waiting:
-                        self.hand(conn.room_again)          # next turn, in the order they waited
                 if history.current is not self._generation or history.closed:
                     self._generation = history.current
                     self._resume_watches()
@@ -6753,14 +6758,16 @@ class ReqapiServer(socketserver.TCPServer):
         """Make room for a new connection by closing the one that has waited longest without work
         in progress (an unfinished handshake or head, or an idle keep-alive); failing that, the one
         whose client has left its answers unread longest (else such clients, one per slot, would
-        keep the kubelet's probes out until --write-timeout).  False if none can go."""
+        keep the kubelet's probes out until --write-timeout; one stalled for less than STALL_GRACE may
+        be a client that keeps reading).  False if none can go."""
         oldest: Optional[Connection] = None
         stalled: Optional[Connection] = None
+        since = time.monotonic() - STALL_GRACE
         for conn in self.connections.values():
             if conn.evictable:
                 if oldest is None or conn.idle_since < oldest.idle_since:
                     oldest = conn
-            elif conn.write_deadline < math.inf and (stalled is None or conn.write_deadline < stalled.write_deadline):
+            elif conn.stalled_since <= since and (stalled is None or conn.stalled_since < stalled.stalled_since):
                 stalled = conn
         if oldest is not None:
             self.metrics.increment("connections_evicted_total")
@@ -6775,21 +6782,18 @@ class ReqapiServer(socketserver.TCPServer):
         """Bytes queued in an outbox (or, negative, written or dropped)."""
         self.queued += size
 
-    def _cut_slow_readers(self) -> None:
-        """At QUEUED_LIMIT: close the connections whose writes have stalled longest until the
-        queues hold less.  Connections whose clients keep reading are left alone."""
-        stalled = sorted((conn for conn in self.connections.values() if conn.write_deadline < math.inf),
-                         key=lambda conn: conn.write_deadline)
+    def _cut_slow_readers(self, now: float) -> None:
+        """The queues hold more than half QUEUED_LIMIT: close the connections whose clients have
+        taken nothing for STALL_GRACE, stalled longest first, until they hold less.  Connections
+        whose clients keep reading are left alone."""
+        stalled = sorted((conn for conn in self.connections.values() if conn.stalled_since <= now - STALL_GRACE),
+                         key=lambda conn: conn.stalled_since)
         for conn in stalled:
-            if self.queued < QUEUED_LIMIT:
+            if self.queued <= QUEUED_LIMIT // 2:
                 break
             self.metrics.increment("slow_readers_cut_total")
-            conn.cut_off("the answers left unread by all clients reached the transport's queue limit, and "
-                         "its client had stopped reading longest")
-
-    def wait_for_room(self, conn: Connection) -> None:
-        """`conn` has a request to answer, but the queues are full: answered when they have room."""
-        self._waiting_for_room[conn] = None
+            conn.cut_off(f"the answers waiting for slow clients held more than half the transport's queue limit, "
+                         f"and its client had taken nothing for {now - conn.stalled_since:.1f}s")
 
     def flush_later(self, conn: Connection) -> None:
         """Write `conn`'s answers at the end of this turn of the loop (see _unflushed)."""
@@ -6857,11 +6861,14 @@ class ReqapiServer(socketserver.TCPServer):
         draining = self.health.draining
         if draining and self.accepting:
             self._stop_accepting()
+        write_timeout = self.settings.write_timeout
         for conn in list(self.connections.values()):
-            if conn.write_deadline <= now or conn.deadline <= now:
+            if conn.stalled_since + write_timeout <= now or conn.deadline <= now:
                 self._contained(conn, conn.expire, now)
             elif draining and conn.phase == IDLE and not conn.outbox and now - conn.idle_since > 0.5:
                 conn.close()
+        if self.queued > QUEUED_LIMIT // 2:
+            self._cut_slow_readers(now)
         if self.watches:
             self._resume_watches()                  # their timeouts
         self._check_drained()

@@ -671,7 +671,7 @@ def test_a_kept_answer_carries_each_requests_own_audit_id_and_log_line(server, c
     assert answers[5].body == b"" and answers[5].headers["content-length"] == answers[6].headers["content-length"]
     # Each request has its own log line, with its own Audit-Id.
     for audit_id in ids + [f"not plain {ids[2][:8]}"]:
-        server.wait_for_log(re.escape(f"audit_id={audit_id}"))
+        server.wait_for_log(re.escape(f"audit_id={reqapi.log_value(audit_id)}"))     # (quoted when it has spaces)
     assert clean_log.new().count(f"audit_id={ids[2]}") == 2
     assert clean_log.new().count(f"audit_id={ids[0]}") == 1
 
@@ -902,12 +902,14 @@ def test_a_watch_outlives_the_read_header_and_idle_timeouts(start_server):
 
 
 def test_a_slow_but_steady_reader_gets_the_whole_answer_and_keeps_its_connection(start_server, tmp_path):
-    """A big answer read at a steady pace for longer than the head and idle timeouts arrives whole
-    (only --write-timeout cuts a reader, one that stops); the wait for the next request starts when
-    the client has the answer.  (Answers were cut mid-body at the idle or read-header timeout.)"""
+    """A big answer read at a steady pace for longer than the head, idle and write timeouts arrives
+    whole (--write-timeout cuts a reader that stops, counted from its last progress); the wait for
+    the next request starts when the client has the answer.  (Answers were cut mid-body at the idle
+    or read-header timeout; and, written as one piece, they looked stalled from the first full socket
+    buffer on, so a steady reader was cut at --write-timeout.)"""
     rules = write_rules(tmp_path / "many.json", many_workloads(3000))
     server = start_server("--rules", str(rules), "--read-header-timeout", "2s", "--idle-timeout", "2s",
-                          "--write-timeout", "10s")
+                          "--write-timeout", "2s")
     log = LogWatch(server)
     whole = server.get(f"{GV}/requests", timeout=10).body
     assert len(whole) > 900_000             # ~60 TLS records
@@ -920,6 +922,7 @@ def test_a_slow_but_steady_reader_gets_the_whole_answer_and_keeps_its_connection
         answer = conn.response()
         assert answer.code == 200 and answer.body == whole
         assert time.monotonic() - started > 2.5, "the answer came too fast to outlast the 2 s timeouts"
+        assert "answers unsent" not in log.new()
         assert not conn.closed_within(0.5), "closed at once after the answer: the idle wait started long before"
         conn.send(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
         assert conn.response().code == 200
@@ -1148,8 +1151,9 @@ def test_when_every_slot_has_work_in_progress_a_new_connection_is_closed_at_once
 
 def test_at_the_cap_the_client_that_left_its_answers_unread_longest_gives_up_its_slot(start_server):
     """Eight clients fill the eight slots, pipeline 25 requests each and never read the answers:
-    a new client (the kubelet's probe) takes the slot of the one stalled longest.  (Such slots
-    counted as work in progress: every new connection was closed at once until --write-timeout.)"""
+    once they have taken nothing for STALL_GRACE, a new client (the kubelet's probe) takes the slot
+    of the one stalled longest.  (Such slots counted as work in progress: every new connection was
+    closed at once until --write-timeout, 60 s here.)"""
     server = start_server("--max-connections", "8", "--write-timeout", "60s")
     log = LogWatch(server)
     stalled = [Raw(server, timeout=10, receive_buffer=1024) for _ in range(8)]
@@ -1158,10 +1162,9 @@ def test_at_the_cap_the_client_that_left_its_answers_unread_longest_gives_up_its
             conn.send(b"GET /openapi/v2 HTTP/1.1\r\nHost: a\r\n\r\n" * 25)    # ~200 KB of answers each
         # Every request answered: the answers wait in the server, past what the sockets hold.
         assert wait_until(lambda: server.log().count("GET /openapi/v2 200") >= 200, timeout=10)
-        assert server.try_get("/livez") == 200
+        assert wait_until(lambda: server.try_get("/livez") == 200, timeout=reqapi.STALL_GRACE + 8)
         assert metric(server, "slow_readers_cut_total") >= 1
         server.wait_for_log(r"connection closed with answers unsent .*unsent_bytes=[1-9].*--max-connections")
-        assert metric(server, "connections_rejected_total") == 0
     finally:
         for conn in stalled:
             conn.close()
@@ -1354,9 +1357,10 @@ def peak_rss_bytes(pid: int) -> int:
 
 def test_a_burst_of_big_answers_nobody_reads_stays_within_the_queue_limit(start_server, tmp_path):
     """60 clients ask for a ~1 MB list at once and never read it.  The queues hold at most
-    QUEUED_LIMIT (8 MiB) plus an answer: the rest wait for room, the stalled are cut off, /livez
-    is answered meanwhile.  (The limit was checked only once per turn of the loop, after every
-    ready connection had queued its answer: 60 MB here, 300 MB for 300 clients.)"""
+    QUEUED_LIMIT (8 MiB): the lists beyond it are answered 429, /livez is answered meanwhile, and
+    the clients that read nothing are cut off after STALL_GRACE.  (The limit was checked only once
+    per turn of the loop, after every ready connection had queued its answer: 60 MB here, 400 MB
+    for 300 clients.)"""
     rules = write_rules(tmp_path / "many.json", many_workloads(3000))
     server = start_server("--rules", str(rules), "--write-timeout", "60s")
     log = LogWatch(server)
@@ -1371,15 +1375,47 @@ def test_a_burst_of_big_answers_nobody_reads_stays_within_the_queue_limit(start_
         for client in clients:
             client.send(request)
         assert server.try_get("/livez") == 200
-        # All but the few whose answers fit under the limit are cut off, none by --write-timeout.
-        assert wait_until(lambda: metric(server, "slow_readers_cut_total") >= 50, timeout=30)
+        # All but the few whose answers fit under the limit are refused; those are cut off after
+        # STALL_GRACE, not at --write-timeout (60 s).
+        assert wait_until(lambda: server.log().count(f"GET {GV}/requests 429 ") >= 50, timeout=30)
+        assert wait_until(lambda: metric(server, "slow_readers_cut_total") >= 1, timeout=reqapi.STALL_GRACE + 8)
         grown = peak_rss_bytes(pid) - before
         print(f"peak RSS grew {grown / 2**20:.1f} MiB for 60 unread answers of ~1 MB")
         assert grown < 30 * 2**20, f"peak RSS grew {grown / 2**20:.1f} MiB: the answers were queued beyond the limit"
-        server.wait_for_log(r"connection closed with answers unsent .*queue limit")
+        server.wait_for_log(r"connection closed with answers unsent .*queue limit.*taken nothing for")
     finally:
         for client in clients:
             client.close()
+    log.assert_clean()
+
+
+def test_a_steady_reader_is_not_cut_off_for_clients_that_read_nothing(start_server, tmp_path):
+    """A client reads a ~1 MB list at a steady pace while ten others ask for it and read nothing,
+    filling the queues: those are cut off, the reader gets its whole list.  (It was cut first: its
+    answer, one piece, looked stalled since the socket buffer first filled, longer than theirs.)"""
+    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
+    server = start_server("--rules", str(rules), "--write-timeout", "60s")
+    log = LogWatch(server)
+    whole = server.get(f"{GV}/requests", timeout=10).body
+    request = f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    hogs = []
+    try:
+        with Raw(server, timeout=10, receive_buffer=4096) as reader:
+            reader.send(request)
+            reader._fill()                          # its answer is on its way
+            for _ in range(10):
+                hog = Raw(server, timeout=10, receive_buffer=1024)
+                hog.send(request)
+                hogs.append(hog)
+            while len(reader.buffer) < len(whole):
+                reader._fill()                      # a TLS record at most
+                time.sleep(0.05)                    # the pause IS the steady reader under test (~3 s in all)
+            answer = reader.response()
+            assert answer.code == 200 and answer.body == whole
+        assert wait_until(lambda: metric(server, "slow_readers_cut_total") >= 1, timeout=reqapi.STALL_GRACE + 8)
+    finally:
+        for hog in hogs:
+            hog.close()
     log.assert_clean()
 
 
