@@ -325,12 +325,12 @@ def test_a_get_of_an_object_crosses_few_sections_and_only_downwards(traced_runti
     # Asked again within the second, the transport's answer memo sends the kept answer: 3 crossings.
     memo_hit = ["head_without_audit_id", "ResponseEncoder.reuse", "record_answer"]
     # Otherwise (a new second empties the memos) the request goes through the API and the answer is kept.
-    memo_miss = ["head_without_audit_id", "parse_head", "Api.handle", "Access.admit", "object_options",
+    memo_miss = ["head_without_audit_id", "parse_head", "Api.handle", "Access.caller", "Access.admit", "object_options",
                  "workload_problems", "Generation.prediction", "requests_object_json", "ResponseEncoder.reusable",
                  "ResponseEncoder.reuse", "record_request"]
-    # The first GET of a name in a rules generation also asks the rules (section 2): 12 crossings.
-    assert first == memo_miss[:7] + ["Rules.predict"] + memo_miss[7:], first
-    # The same GET again: 3 crossings when the answer memo answers, 11 when a new second starts
+    # The first GET of a name in a rules generation also asks the rules (section 2): 13 crossings.
+    assert first == memo_miss[:8] + ["Rules.predict"] + memo_miss[8:], first
+    # The same GET again: 3 crossings when the answer memo answers, 12 when a new second starts
     # a new memo (which one depends on the clock).
     for calls in (again, later):
         assert calls in (memo_hit, memo_miss), calls
