@@ -3208,9 +3208,9 @@ def list_option_problems(request: Request) -> list[tuple[str, str, str]]:
     """What kube-apiserver's ValidateListOptions refuses in a list's options (not a watch's):
     (field, cause reason, the error's text after its field), in its order."""
     problems = []
+    forbidden = "FieldValueForbidden"
     match, version = request.arg("resourceVersionMatch"), request.arg("resourceVersion")
     if match:
-        forbidden = "FieldValueForbidden"
         if not version:
             problems.append(("resourceVersionMatch", forbidden,
                              "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"))
@@ -3225,7 +3225,7 @@ def list_option_problems(request: Request) -> list[tuple[str, str, str]]:
             problems.append(("resourceVersionMatch", forbidden,
                              'Forbidden: resourceVersionMatch "exact" is forbidden for resourceVersion "0"'))
     if "sendInitialEvents" in request.query:
-        problems.append(("sendInitialEvents", "FieldValueForbidden", "Forbidden: sendInitialEvents is forbidden for list"))
+        problems.append(("sendInitialEvents", forbidden, "Forbidden: sendInitialEvents is forbidden for list"))
     return problems
 
 
