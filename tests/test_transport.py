@@ -188,6 +188,13 @@ class Raw:
             if size == 0:
                 return body
 
+    def read_steadily(self, size: int, pause: float) -> None:
+        """Read until `size` bytes are buffered, a TLS record at a time with `pause` after each: a
+        client that reads slowly but never stops (the pauses ARE the reader under test)."""
+        while len(self.buffer) < size:
+            self._fill()
+            time.sleep(pause)
+
     def readable_within(self, timeout: float) -> bool:
         """True as soon as application data or a close arrives (within timeout).  TLS records that carry
         none, such as the TLS 1.3 session tickets sent after the handshake, do not count."""
@@ -901,26 +908,41 @@ def test_a_watch_outlives_the_read_header_and_idle_timeouts(start_server):
     log.assert_clean()
 
 
+LIST_REQUEST = f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+
+
+def same_answer(received: bytes, expected: bytes) -> bool:
+    """The same bytes but for the creation timestamps, which name the second each was answered in
+    (a list read over seconds may be answered in another second than the one fetched to compare)."""
+    def unstamped(body: bytes) -> bytes:
+        return re.sub(rb'"creationTimestamp":"[^"]*"', b'"creationTimestamp":""', body)
+    return len(received) == len(expected) and unstamped(received) == unstamped(expected)
+
+
+def serving_a_1_mb_list(start_server, tmp_path, *flags: str) -> tuple[Server, bytes]:
+    """A server whose list of all (LIST_REQUEST) is ~1 MB, ~60 TLS records, and that list (memoised now)."""
+    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
+    server = start_server("--rules", str(rules), *flags)
+    whole = server.get(f"{GV}/requests", timeout=10).body
+    assert len(whole) > 900_000
+    return server, whole
+
+
 def test_a_slow_but_steady_reader_gets_the_whole_answer_and_keeps_its_connection(start_server, tmp_path):
     """A big answer read at a steady pace for longer than the head, idle and write timeouts arrives
     whole (--write-timeout cuts a reader that stops, counted from its last progress); the wait for
     the next request starts when the client has the answer.  (Answers were cut mid-body at the idle
     or read-header timeout; and, written as one piece, they looked stalled from the first full socket
     buffer on, so a steady reader was cut at --write-timeout.)"""
-    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
-    server = start_server("--rules", str(rules), "--read-header-timeout", "2s", "--idle-timeout", "2s",
-                          "--write-timeout", "2s")
+    server, whole = serving_a_1_mb_list(start_server, tmp_path, "--read-header-timeout", "2s", "--idle-timeout", "2s",
+                                        "--write-timeout", "2s")
     log = LogWatch(server)
-    whole = server.get(f"{GV}/requests", timeout=10).body
-    assert len(whole) > 900_000             # ~60 TLS records
     with Raw(server, timeout=10, receive_buffer=4096) as conn:
-        conn.send(f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        conn.send(LIST_REQUEST)
         started = time.monotonic()
-        while len(conn.buffer) < len(whole):
-            conn._fill()                        # a TLS record at most: 16 KB
-            time.sleep(0.06)                    # the pause IS the slow reader under test (~4 s in all)
+        conn.read_steadily(len(whole), 0.06)    # ~4 s in all
         answer = conn.response()
-        assert answer.code == 200 and answer.body == whole
+        assert answer.code == 200 and same_answer(answer.body, whole)
         assert time.monotonic() - started > 2.5, "the answer came too fast to outlast the 2 s timeouts"
         assert "answers unsent" not in log.new()
         assert not conn.closed_within(0.5), "closed at once after the answer: the idle wait started long before"
@@ -1361,19 +1383,16 @@ def test_a_burst_of_big_answers_nobody_reads_stays_within_the_queue_limit(start_
     the clients that read nothing are cut off after STALL_GRACE.  (The limit was checked only once
     per turn of the loop, after every ready connection had queued its answer: 60 MB here, 400 MB
     for 300 clients.)"""
-    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
-    server = start_server("--rules", str(rules), "--write-timeout", "60s")
+    server, _ = serving_a_1_mb_list(start_server, tmp_path, "--write-timeout", "60s")
     log = LogWatch(server)
     pid = server.process.pid
-    assert len(server.get(f"{GV}/requests", timeout=10).body) > 900_000     # ~1 MB, memoised now
     clients = [Raw(server, timeout=10, receive_buffer=1024) for _ in range(60)]
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as clear:
             clear.write("5")                    # VmHWM := VmRSS: the peak from here on
         before = peak_rss_bytes(pid)
-        request = f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode()
         for client in clients:
-            client.send(request)
+            client.send(LIST_REQUEST)
         assert server.try_get("/livez") == 200
         # All but the few whose answers fit under the limit are refused; those are cut off after
         # STALL_GRACE, not at --write-timeout (60 s).
@@ -1393,25 +1412,20 @@ def test_a_steady_reader_is_not_cut_off_for_clients_that_read_nothing(start_serv
     """A client reads a ~1 MB list at a steady pace while ten others ask for it and read nothing,
     filling the queues: those are cut off, the reader gets its whole list.  (It was cut first: its
     answer, one piece, looked stalled since the socket buffer first filled, longer than theirs.)"""
-    rules = write_rules(tmp_path / "many.json", many_workloads(3000))
-    server = start_server("--rules", str(rules), "--write-timeout", "60s")
+    server, whole = serving_a_1_mb_list(start_server, tmp_path, "--write-timeout", "60s")
     log = LogWatch(server)
-    whole = server.get(f"{GV}/requests", timeout=10).body
-    request = f"GET {GV}/requests HTTP/1.1\r\nHost: a\r\n\r\n".encode()
     hogs = []
     try:
         with Raw(server, timeout=10, receive_buffer=4096) as reader:
-            reader.send(request)
+            reader.send(LIST_REQUEST)
             reader._fill()                          # its answer is on its way
             for _ in range(10):
                 hog = Raw(server, timeout=10, receive_buffer=1024)
-                hog.send(request)
+                hog.send(LIST_REQUEST)
                 hogs.append(hog)
-            while len(reader.buffer) < len(whole):
-                reader._fill()                      # a TLS record at most
-                time.sleep(0.05)                    # the pause IS the steady reader under test (~3 s in all)
+            reader.read_steadily(len(whole), 0.05)  # ~3 s in all
             answer = reader.response()
-            assert answer.code == 200 and answer.body == whole
+            assert answer.code == 200 and same_answer(answer.body, whole)
         assert wait_until(lambda: metric(server, "slow_readers_cut_total") >= 1, timeout=reqapi.STALL_GRACE + 8)
     finally:
         for hog in hogs:
